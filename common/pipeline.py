@@ -82,6 +82,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                     "dataset": OmegaConf.to_container(cfg.dataset, resolve=True), "seed": int(cfg.seed)}
         stages = StageCache(run_dir, cfg.stages.get("shared_dir"), bool(cfg.stages.reuse),
                             OmegaConf.to_container(cfg.stages.get("load") or {}, resolve=True))
+        _debug_sleep_after_stage(stages, (cfg.get("debug") or {}).get("sleep_after_stage"))
         ctx = RunContext(cfg, run_dir, device, stages, tracker, base_key, timings)
 
         loader = data.eval_loader()
@@ -112,6 +113,24 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         return results
     finally:
         tracker.finish()
+
+
+def _debug_sleep_after_stage(stages: StageCache, delays: Any) -> None:
+    """Test/debug only: `+debug.sleep_after_stage.<stage>=SECONDS` sleeps after COMPUTING that stage (not
+    after loading it), so a preemption test can signal a job while a finished stage is already saved."""
+    if not delays:
+        return
+    delays, run_stage = dict(delays), stages.run
+
+    def run(name: str, key: Any, compute):
+        computed = []
+        out = run_stage(name, key, lambda: computed.append(1) or compute())
+        if computed and name in delays:
+            log.warning("debug.sleep_after_stage: sleeping %ss after stage %s", delays[name], name)
+            time.sleep(float(delays[name]))
+        return out
+
+    stages.run = run  # type: ignore[method-assign]
 
 
 def _overrides() -> list[str]:
