@@ -1,0 +1,158 @@
+"""Vectorised percentile-grid MSE searches for quantizer initialisation (RepQ-ViT / ERQ style).
+
+RepQ-ViT and ERQ fit every uniform quantizer the same way: for each probability p of a small grid,
+take the range [quantile(x, 1 − p), quantile(x, p)] (linear interpolation, torch.quantile
+semantics), turn it into an asymmetric (scale, zero-point) with a rounded zero-point, score it by the
+mean squared fake-quant error of x itself, and keep the first candidate with a strictly smaller score
+(the references start from a best score of 1e10). The log-sqrt2 post-softmax quantizer does the same
+with a single scale s = quantile(x, p).
+
+The references loop over channels / rows and call torch.quantile 2·|grid| times each. Here every
+group (a weight row, an activation channel, or the whole tensor) is a row of a (groups, elements)
+matrix: the needed order statistics are taken once (a sort, or `topk` of the two tails when the grid
+only touches the extremes of a large tensor), all grid quantiles are interpolated from them, and
+each candidate's error is evaluated for all groups at once, in chunks.
+
+Quantile semantics: torch.quantile rounds p to the input dtype (float32), computes the rank p·(n − 1)
+in float64 and lerps between the neighbouring order statistics with a float32 weight; above 2^24 elements torch refuses and the
+references fall back to numpy.percentile (float64 rank and lerp). Both are reproduced.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from .quant.primitives import fake_quant_affine, fake_quant_log_sqrt2
+
+__all__ = ["group_quantiles", "search_uniform_percentile", "search_log_sqrt2_percentile", "TORCH_QUANTILE_MAX"]
+
+#: Largest input torch.quantile accepts; above it the references use numpy.percentile.
+TORCH_QUANTILE_MAX = 2 ** 24
+_CHUNK = 1 << 22  # elements per chunk when scoring candidates
+
+
+def _ranks(n: int, probs: Sequence[float]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(below, above, weight) of the interpolation rank p·(n−1) for each p."""
+    if n <= TORCH_QUANTILE_MAX:  # torch.quantile: q rounded to float32, rank in float64, float32 weight
+        q = torch.tensor(list(probs), dtype=torch.float32).double()
+    else:  # numpy.percentile(x, 100 p): float64 q and rank, float64 lerp
+        q = torch.tensor([p * 100.0 / 100.0 for p in probs], dtype=torch.float64)
+    r = q * float(n - 1)
+    below = r.floor().long().clamp(0, n - 1)
+    above = r.ceil().long().clamp(0, n - 1)
+    w = r - below.double()
+    return below, above, (w.float() if n <= TORCH_QUANTILE_MAX else w)
+
+
+def _order_stats(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """x (G, n) -> the order statistics at sorted positions `idx` (K,) for every row, as (G, K).
+
+    Uses `topk` on the tails when all positions are near the ends of a long row, else a full sort.
+    """
+    n = x.shape[1]
+    lo_need = int(idx[idx < n // 2].max().item()) + 1 if (idx < n // 2).any() else 0
+    hi_need = n - int(idx[idx >= n // 2].min().item()) if (idx >= n // 2).any() else 0
+    if n > 4096 and lo_need + hi_need < n // 8:
+        out = torch.empty(x.shape[0], idx.numel(), dtype=x.dtype, device=x.device)
+        if lo_need:
+            small = torch.topk(x, lo_need, dim=1, largest=False, sorted=True).values
+            m = idx < n // 2
+            out[:, m] = small[:, idx[m].to(x.device)]
+        if hi_need:
+            big = torch.topk(x, hi_need, dim=1, largest=True, sorted=True).values  # big[:, k] = sorted[n-1-k]
+            m = idx >= n // 2
+            out[:, m] = big[:, (n - 1 - idx[m]).to(x.device)]
+        return out
+    return torch.sort(x, dim=1).values[:, idx.to(x.device)]
+
+
+def group_quantiles(x: torch.Tensor, probs: Sequence[float]) -> torch.Tensor:
+    """Linear-interpolation quantiles of each row of x (G, n) at each p: shape (G, len(probs)).
+
+    Matches torch.quantile(row, p) for n ≤ 2^24 and numpy.percentile(row, 100 p) above (cast back
+    to x's dtype).
+    """
+    if x.dim() != 2:
+        raise ValueError(f"group_quantiles expects a (groups, elements) matrix, got shape {tuple(x.shape)}")
+    n = x.shape[1]
+    below, above, w = _ranks(n, probs)
+    idx = torch.cat([below, above])
+    stats = _order_stats(x, idx)
+    k = len(probs)
+    lo, hi = stats[:, :k], stats[:, k:]
+    if w.dtype == torch.float64:  # numpy fallback: float64 lerp, then back to x's dtype
+        lo64, hi64 = lo.double(), hi.double()
+        return torch.lerp(lo64, hi64, w.to(x.device)[None, :].expand_as(lo64)).to(x.dtype)
+    return torch.lerp(lo, hi, w.to(x.device, x.dtype)[None, :].expand_as(lo))
+
+
+def _mean_sq_error(x: torch.Tensor, fq) -> torch.Tensor:
+    """Per-row mean of (fq(x) − x)², float64, evaluated in chunks of rows or columns."""
+    G, n = x.shape
+    total = torch.zeros(G, dtype=torch.float64, device=x.device)
+    if G > 1:
+        step = max(1, _CHUNK // max(n, 1))
+        for i in range(0, G, step):
+            xs = x[i:i + step]
+            total[i:i + step] = (fq(xs, slice(i, i + step)) - xs).double().pow(2).sum(1)
+    else:
+        for j in range(0, n, _CHUNK):
+            xs = x[:, j:j + _CHUNK]
+            total += (fq(xs, slice(0, 1)) - xs).double().pow(2).sum(1)
+    return total / n
+
+
+def _pick_first_best(scores: torch.Tensor, init: float = 1e10) -> tuple[torch.Tensor, torch.Tensor]:
+    """scores (G, P) -> (index of the first strictly-best candidate per row, found mask).
+
+    Equivalent to `best = init; for c: if score[c] < best: take c` (NaN scores never win).
+    """
+    s = torch.where(torch.isnan(scores), torch.full_like(scores, float("inf")), scores)
+    best = s.argmin(dim=1)  # first index among equal minima
+    found = s.gather(1, best[:, None])[:, 0] < init
+    return best, found
+
+
+@torch.no_grad()
+def search_uniform_percentile(x: torch.Tensor, bits: int, probs: Sequence[float],
+                              min_scale: float = 1e-8) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row asymmetric (scale, zero-point) of x (G, n) chosen from a percentile grid by MSE.
+
+    Candidate c: hi = q(x, p_c), lo = q(x, 1 − p_c), Δ = (hi − lo)/(2^b − 1), z = round(−lo/Δ);
+    score = mean((x − Q(x))²); the first candidate with the smallest score wins (RepQ-ViT order).
+    Returns float32 tensors of shape (G,).
+    """
+    x = x.float()
+    q_hi = group_quantiles(x, probs)
+    q_lo = group_quantiles(x, [1.0 - p for p in probs])
+    levels = 2 ** bits - 1
+    scale = ((q_hi - q_lo) / levels).clamp_min(min_scale)  # (G, P)
+    zp = torch.round(-q_lo / scale)
+    scores = torch.stack([
+        _mean_sq_error(x, lambda xs, rows, c=c: fake_quant_affine(xs, scale[rows, c:c + 1], zp[rows, c:c + 1], bits))
+        for c in range(len(probs))], dim=1)
+    best, found = _pick_first_best(scores)
+    s = scale.gather(1, best[:, None])[:, 0]
+    z = zp.gather(1, best[:, None])[:, 0]
+    if not bool(found.all()):  # degenerate rows (all scores ≥ 1e10 or NaN): fall back to min/max
+        lo, hi = x.amin(1), x.amax(1)
+        s_mm = ((hi - lo) / levels).clamp_min(min_scale)
+        s = torch.where(found, s, s_mm)
+        z = torch.where(found, z, torch.round(-lo / s_mm))
+    return s, z
+
+
+@torch.no_grad()
+def search_log_sqrt2_percentile(x: torch.Tensor, bits: int, probs: Sequence[float]) -> torch.Tensor:
+    """Scale s of the log-sqrt2 quantizer for a whole tensor: s = quantile(x, p) with the best MSE.
+
+    The reference default (no candidate better than 1e10) is s = max(x). Returns a (1,) tensor.
+    """
+    flat = x.float().reshape(1, -1)
+    cands = group_quantiles(flat, probs)[0]  # (P,)
+    scores = torch.stack([_mean_sq_error(flat, lambda xs, rows, c=c: fake_quant_log_sqrt2(xs, cands[c], bits))[0]
+                          for c in range(len(probs))])
+    best, found = _pick_first_best(scores[None, :])
+    s = cands[best[0]] if bool(found[0]) else flat.max()
+    return s.reshape(1)

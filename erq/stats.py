@@ -1,0 +1,96 @@
+"""Streaming sufficient statistics of a layer's calibration input (replaces the reference's activation dump).
+
+ERQ's Aqer and Wqer see a layer only through its FP input X (N rows) and its own activation quantizer
+Q_a. With Ã = [X̃, 1], X̃ = Q_a(X), everything they need is (spec §10.1):
+
+    G = ÃᵀÃ             ((d+1) × (d+1); the ones column gives the column sums and N)
+    C = Ãᵀ (X − X̃)      ((d+1) × d; Aqer's right-hand side is C Wᵀ, the FP outputs are never stored)
+
+Both are accumulated batch by batch in float64 (each batch product in `dtype`), so any number of
+calibration images fits in O(d²) memory per layer, and only the layers of one unit are live at once.
+For a conv (the patch embedding) the rows are im2col patches in the weight's (C, kh, kw) order.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from common.quant.modules import QuantConv2d
+from common.quant.quantizers import Quantizer
+
+__all__ = ["LayerStats", "layer_rows", "collect_stats", "apply_quantizer"]
+
+
+def apply_quantizer(q: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """q's fake-quant of x regardless of its `enabled` flag (identity when FP or uncalibrated)."""
+    if isinstance(q, Quantizer) and q.bits < 32 and bool(q.calibrated):
+        return q.fake_quant(x)
+    return x
+
+
+def _im2col(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    cols = F.unfold(x, conv.kernel_size, dilation=conv.dilation, padding=conv.padding, stride=conv.stride)
+    return cols.transpose(1, 2).reshape(-1, cols.shape[1])
+
+
+def layer_rows(layer: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(X, X̃) as (rows, features) matrices for a QuantLinear / QuantConv2d input x."""
+    xq = apply_quantizer(layer.input_quantizer, x)
+    if isinstance(layer, QuantConv2d):
+        return _im2col(layer, x), _im2col(layer, xq)
+    return x.reshape(-1, x.shape[-1]), xq.reshape(-1, xq.shape[-1])
+
+
+class LayerStats:
+    """G = ÃᵀÃ and (optionally) C = Ãᵀ(X − X̃) of one layer, accumulated in float64."""
+
+    def __init__(self, features: int, cross: bool = True, dtype: torch.dtype = torch.float32,
+                 device: torch.device | str = "cpu"):
+        self.features = features
+        self.dtype = dtype
+        self.gram = torch.zeros(features + 1, features + 1, dtype=torch.float64, device=device)
+        self.cross = torch.zeros(features + 1, features, dtype=torch.float64, device=device) if cross else None
+
+    @property
+    def rows(self) -> int:
+        """N, the number of input rows seen."""
+        return int(round(float(self.gram[-1, -1])))
+
+    @torch.no_grad()
+    def update(self, x: torch.Tensor, xq: torch.Tensor) -> None:
+        """Add a batch of FP rows x and their quantized version xq (both (rows, features))."""
+        d = self.features
+        xq_c = xq.to(self.dtype)
+        colsum = xq.double().sum(0)
+        self.gram[:d, :d] += (xq_c.T @ xq_c).double()
+        self.gram[:d, d] += colsum
+        self.gram[d, :d] += colsum
+        self.gram[d, d] += xq.shape[0]
+        if self.cross is not None:
+            diff = (x - xq).to(self.dtype)
+            self.cross[:d] += (xq_c.T @ diff).double()
+            self.cross[d] += diff.double().sum(0)
+
+
+@contextlib.contextmanager
+def collect_stats(layers: dict[str, nn.Module], stats: dict[str, LayerStats]) -> Iterator[None]:
+    """Forward hooks that feed each layer's input into its LayerStats (nothing is stored)."""
+    handles = []
+
+    def make(name: str):
+        def hook(mod, args, _out):
+            x, xq = layer_rows(mod, args[0].detach())
+            stats[name].update(x, xq)
+        return hook
+
+    for name, layer in layers.items():
+        handles.append(layer.register_forward_hook(make(name)))
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
