@@ -1,0 +1,278 @@
+"""APHQ-ViT MLP Reconstruction (MR, aphq spec §3): GELU → ReLU, then refit fc1/fc2 of every block MLP.
+
+Every block MLP of the model to quantize gets a ReLU instead of its GELU (`relu_swap`); fc1 and fc2
+(weights and biases, FP32) are then trained to reproduce the MLP output of the original GELU model:
+
+    h      = relu(fc1(x))                     x: fc1 input (norm2 output) of the FP GELU model
+    ŷ      = fc2(h),   ŷ_clip = fc2(clamp(h, 0, ub))
+    R(u)   = mean_{b,c} Σ_n H̄_{n,c} (u − y)²_{b,n,c} / loss_div          y: FP GELU MLP output
+    L      = R(ŷ) + clamp_weight · R(ŷ_clip)                              (clamp_weight 2, loss_div 10)
+
+`ub` is the `pct` quantile of the positive GELU outputs of that block (rank ⌈count·pct⌉ − 1 in the
+sorted positives; exact `kthvalue`). H̄ is the Average Perturbation Hessian of the MLP output
+(`aphq.aph`, always averaged over samples, as the reference), RMS-normalised: H̄ ← H̄·√(numel/ΣH̄²);
+`metric="mse"` drops it. Adam(lr 4e-5) with cosine annealing to 0 over `iters` (20 000) steps of
+32 samples drawn by `torch.randperm(N)[:32]` from a generator seeded with the run seed.
+
+All targets come from the FP GELU model, so blocks are independent. The FP model is walked once,
+block by block, so only one block's data (x, y and the positive GELU outputs) live in memory.
+Faster than the reference with the same maths (spec §7): fc1 is computed once per step (the
+reference runs it twice) and both fc2 products share one GEMM; the APH of all MLPs is computed up
+front in one pass per batch (`average_perturbation_hessian` with ``blocks.i.mlp`` sites).
+"""
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from common.units import model_units
+
+from .aph import average_perturbation_hessian, strict_fp32
+
+__all__ = ["MLPReconConfig", "mlp_recon_config", "relu_swap", "reconstruct_mlps", "mlp_blocks", "positive_quantile"]
+
+# Keys of a method's `mlp_recon` config node that are not MR hyper-parameters (accepted silently).
+_IGNORED_KEYS = {"enabled", "name", "n_images", "aph_mean", "aph_rms_norm", "draw", "augment"}
+
+
+@dataclass
+class MLPReconConfig:
+    """MR hyper-parameters (defaults = the reference's hard-coded values, spec §3 and §5).
+
+    Attributes:
+        iters: optimizer steps per block (20 000).
+        batch_size: samples per step (32).
+        lr: Adam learning rate, cosine-annealed to 0 over `iters` (4e-5).
+        pct: clamp percentile of the positive GELU outputs (0.99; 0.98 in the 2/4-bit best configs).
+        clamp_weight: weight of the clamped-output term (2.0).
+        loss_div: divisor of both loss terms (10).
+        metric: "hessian_perturb" (APH-weighted) or "mse".
+        temp, eps: APH temperature and perturbation (20, 1e-6).
+        log_every: log the loss curve every this many steps (0: only first and last).
+        seed: seed of the sampling generator when none is passed.
+        aph_batch_size: batch of the APH passes (the KL 'batchmean' divisor; 32).
+        aph_mode: "faithful" (reference ±ε, fp32) or "hvp" (exact 2ε|H𝟙|; zero for LayerNorm models).
+        eval_batch_size: batch for computing data and the before/after objective.
+    """
+
+    iters: int = 20000
+    batch_size: int = 32
+    lr: float = 4e-5
+    pct: float = 0.99
+    clamp_weight: float = 2.0
+    loss_div: float = 10.0
+    metric: str = "hessian_perturb"
+    temp: float = 20.0
+    eps: float = 1e-6
+    log_every: int = 100
+    seed: int = 3407
+    aph_batch_size: int = 32
+    aph_mode: str = "faithful"
+    eval_batch_size: int = 128
+
+    def __post_init__(self):
+        if self.metric not in ("hessian_perturb", "mse"):
+            raise ValueError(f"MLP reconstruction metric must be 'hessian_perturb' or 'mse', got {self.metric!r} "
+                             "(the reference's 'mae' crashes, spec §8)")
+        if not 0.0 < float(self.pct) <= 1.0:
+            raise ValueError(f"pct must be in (0, 1], got {self.pct}")
+
+
+def mlp_recon_config(cfg: Any = None, **overrides) -> MLPReconConfig:
+    """MLPReconConfig from a dataclass, dict or DictConfig (+ keyword overrides); unknown keys warn."""
+    if isinstance(cfg, MLPReconConfig):
+        values = asdict(cfg)
+    elif cfg is None:
+        values = {}
+    else:
+        values = dict(cfg.items()) if isinstance(cfg, Mapping) or hasattr(cfg, "items") else dict(vars(cfg))
+    values.update(overrides)
+    known = {f.name for f in fields(MLPReconConfig)}
+    unknown = set(values) - known - _IGNORED_KEYS
+    if unknown:
+        warnings.warn(f"mlp_recon: ignoring unknown config keys {sorted(unknown)}", stacklevel=2)
+    return MLPReconConfig(**{k: v for k, v in values.items() if k in known})
+
+
+def relu_swap(model: nn.Module) -> nn.Module:
+    """Replace the activation of every block MLP (a module whose name ends with 'mlp') by ReLU, in place."""
+    for name, module in model.named_modules():
+        if name.endswith("mlp") and isinstance(getattr(module, "act", None), nn.Module):
+            if not isinstance(module.act, nn.ReLU):
+                module.act = nn.ReLU()
+    return model
+
+
+def mlp_blocks(model: nn.Module) -> list[str]:
+    """Names of the transformer blocks whose MLPs MR reconstructs (ViT `blocks.i`, Swin `layers.s.blocks.j`)."""
+    return [u.name for u in model_units(model) if u.kind == "block"]
+
+
+def positive_quantile(values: torch.Tensor, pct: float) -> float:
+    """The reference's `ub`: element of rank ⌈count·pct⌉ − 1 (0-based) among the sorted positive values."""
+    pos = values[values > 0]
+    count = pos.numel()
+    if count == 0:
+        return float("inf")
+    k = min(max(math.ceil(count * pct), 1), count)
+    return float(torch.kthvalue(pos.float(), k).values)
+
+
+@torch.no_grad()
+def _block_data(block: nn.Module, block_input: torch.Tensor, batch_size: int):
+    """fc1 input x, MLP output y, the positive fc2 inputs (GELU outputs) and the block output, in batches."""
+    mlp = block.mlp
+    xs, ys, pos, outs = [], [], [], []
+    handles = [
+        mlp.fc1.register_forward_hook(lambda _m, a, _o: xs.append(a[0])),
+        mlp.register_forward_hook(lambda _m, _a, o: ys.append(o)),
+        mlp.fc2.register_forward_hook(lambda _m, a, _o: pos.append(a[0][a[0] > 0])),
+    ]
+    try:
+        for b in block_input.split(batch_size):
+            outs.append(block(b))
+    finally:
+        for h in handles:
+            h.remove()
+    return torch.cat(xs), torch.cat(ys), torch.cat(pos), torch.cat(outs)
+
+
+def _loss(y_hat: torch.Tensor, y_clip: torch.Tensor, y: torch.Tensor, weight: torch.Tensor | None,
+          clamp_weight: float, loss_div: float) -> torch.Tensor:
+    """R(ŷ) + clamp_weight·R(ŷ_clip), R(u) = mean_{b,c} Σ_n w (u − y)² / loss_div."""
+    e = (y_hat - y).square() + clamp_weight * (y_clip - y).square()
+    if weight is not None:
+        e = e * weight
+    return e.sum(1).mean() / loss_div
+
+
+def _mlp_forward(mlp: nn.Module, x: torch.Tensor, ub: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ŷ, ŷ_clip) with fc1 computed once and both fc2 products in one GEMM."""
+    h = torch.relu(F.linear(x, mlp.fc1.weight, mlp.fc1.bias))
+    both = F.linear(torch.cat([h, h.clamp(max=ub)]), mlp.fc2.weight, mlp.fc2.bias)
+    return both[: x.shape[0]], both[x.shape[0]:]
+
+
+@torch.no_grad()
+def _objective(mlp: nn.Module, x: torch.Tensor, y: torch.Tensor, weight, ub: float, cfg: MLPReconConfig) -> float:
+    """The MR loss over all samples (mean over batches of the per-batch loss, batch-size weighted)."""
+    total = 0.0
+    for xb, yb in zip(x.split(cfg.eval_batch_size), y.split(cfg.eval_batch_size)):
+        y_hat, y_clip = _mlp_forward(mlp, xb, ub)
+        total += float(_loss(y_hat, y_clip, yb, weight, cfg.clamp_weight, cfg.loss_div)) * xb.shape[0]
+    return total / x.shape[0]
+
+
+def reconstruct_mlps(model: nn.Module, fp_model: nn.Module, images: torch.Tensor, cfg: Any = None,
+                     tracker=None, device: torch.device | str = "cpu", generator: torch.Generator | None = None,
+                     blocks: list[str] | None = None, progress: bool = True) -> dict:
+    """MLP reconstruction of every block of `model`, in place (GELU → ReLU first, if not done yet).
+
+    Args:
+        model: the model to quantize (timm ViT/DeiT/Swin, same architecture as `fp_model`; unwrapped,
+            or wrapped with quantizers disabled — only fc1/fc2 weights and biases are used).
+        fp_model: the FP GELU teacher (unchanged).
+        images: the MR images (the reference: 1024 augmented train images).
+        cfg: MLPReconConfig, dict or DictConfig (see `MLPReconConfig`; `enabled` etc. are ignored).
+        tracker: `common.tracking.Tracker`; the loss is logged as curve ``mr/<block>`` every
+            `log_every` steps (and at the first and last step).
+        device: where data and training live.
+        generator: CPU generator for `randperm` sampling (default: seeded with `cfg.seed`).
+        blocks: subset of block names to reconstruct (default: all, in order).
+
+    Returns:
+        {"blocks": {block: {"ub", "loss_first", "loss_last", "objective_before", "objective_after",
+        "seconds", "sec_per_iter"}}, "aph_seconds": float, "seconds": float}. Objectives are the full
+        MR loss over all images, before and after training (so they can be compared).
+    """
+    cfg = mlp_recon_config(cfg)
+    device = torch.device(device)
+    t_start = time.perf_counter()
+    relu_swap(model)
+    names = mlp_blocks(fp_model) if blocks is None else list(blocks)
+    gen = generator if generator is not None else torch.Generator().manual_seed(int(cfg.seed))
+    modules_q = dict(model.named_modules())
+    for name in names:
+        mlp = modules_q[name].mlp
+        if not isinstance(getattr(mlp, "norm", nn.Identity()), nn.Identity):
+            raise NotImplementedError(f"{name}.mlp has a hidden-layer norm; MR supports plain fc1-act-fc2 MLPs")
+
+    # APH of every MLP output, from the FP GELU model, up front (always averaged; RMS-normalised).
+    aph: dict[str, torch.Tensor | None] = {n: None for n in names}
+    t0 = time.perf_counter()
+    if cfg.metric == "hessian_perturb":
+        raw = average_perturbation_hessian(fp_model, images, [f"{n}.mlp" for n in names], eps=cfg.eps,
+                                           temp=cfg.temp, batch_size=cfg.aph_batch_size, mean=True,
+                                           mode=cfg.aph_mode, device=device, progress=progress)
+        for n in names:
+            h = raw[f"{n}.mlp"].to(device)
+            ss = h.square().sum()
+            aph[n] = h * torch.sqrt(h.numel() / ss) if ss > 0 else torch.ones_like(h)
+    aph_seconds = time.perf_counter() - t0
+
+    stats: dict[str, dict] = {}
+    units = model_units(fp_model)
+    wanted = set(names)
+    last = max(i for i, u in enumerate(units) if u.name in wanted)
+    x_stream = images
+    with strict_fp32(fp_model):
+        for i, unit in enumerate(units[: last + 1]):
+            with torch.no_grad():
+                inp = torch.cat([unit.pre(b.to(device)) for b in x_stream.split(cfg.eval_batch_size)])
+            if unit.name not in wanted:
+                with torch.no_grad():
+                    x_stream = torch.cat([unit.module(b) for b in inp.split(cfg.eval_batch_size)])
+                continue
+            x, y, pos, x_stream = _block_data(unit.module, inp, cfg.eval_batch_size)
+            del inp
+            ub = positive_quantile(pos, cfg.pct)
+            del pos
+            stats[unit.name] = _train_block(modules_q[unit.name].mlp, unit.name, x, y, aph[unit.name], ub, cfg,
+                                            gen, tracker, device, progress)
+            del x, y
+    return {"blocks": stats, "aph_seconds": round(aph_seconds, 3), "seconds": round(time.perf_counter() - t_start, 3)}
+
+
+def _train_block(mlp: nn.Module, name: str, x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor | None, ub: float,
+                 cfg: MLPReconConfig, gen: torch.Generator, tracker, device: torch.device, progress: bool) -> dict:
+    """Adam + cosine on fc1/fc2 of one MLP; returns its statistics."""
+    params = [p for p in (mlp.fc1.weight, mlp.fc1.bias, mlp.fc2.weight, mlp.fc2.bias) if p is not None]
+    saved = [p.requires_grad for p in params]
+    for p in params:
+        p.requires_grad_(True)
+    before = _objective(mlp, x, y, weight, ub, cfg)
+    opt = torch.optim.Adam(params, lr=cfg.lr)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.iters, eta_min=0.0)
+    n = x.shape[0]
+    first = last = float("nan")
+    t0 = time.perf_counter()
+    bar = tqdm(range(1, cfg.iters + 1), desc=f"MR {name}", disable=not progress, mininterval=2.0)
+    for t in bar:
+        idx = torch.randperm(n, generator=gen)[: cfg.batch_size].to(device)
+        y_hat, y_clip = _mlp_forward(mlp, x[idx], ub)
+        loss = _loss(y_hat, y_clip, y[idx], weight, cfg.clamp_weight, cfg.loss_div)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        if t == 1 or t == cfg.iters or (cfg.log_every and t % cfg.log_every == 0):
+            last = float(loss.detach())
+            if t == 1:
+                first = last
+            if tracker is not None:
+                tracker.log_curve(f"mr/{name}", t, loss=last)
+    seconds = time.perf_counter() - t0
+    for p, flag in zip(params, saved):
+        p.requires_grad_(flag)
+        p.grad = None
+    after = _objective(mlp, x, y, weight, ub, cfg)
+    return {"ub": ub, "loss_first": first, "loss_last": last, "objective_before": before, "objective_after": after,
+            "seconds": round(seconds, 3), "sec_per_iter": seconds / max(cfg.iters, 1)}

@@ -1,0 +1,403 @@
+"""Block reconstruction (BRECQ / QDrop / APHQ "optimize", aphq spec §4.2 and §4.5), shared by the methods.
+
+Units (`common.units.model_units`: patch_embed, every block, every Swin PatchMerging, head) are
+reconstructed in forward order. For each unit:
+
+* its weight quantizers become AdaRound (`common.adaround`) and its activation quantizers switch to
+  STE rounding (their scales are learned) and, in `qdrop` mode, QDrop with `drop_prob`;
+* 'iters' steps of Adam on α (lr `w_lr`) and on the activation scales (lr `a_lr`, cosine to 0), each on
+  `randperm(N)[:batch_size]` samples:
+
+      x     = x_q (qinp) | x_fp (rinp) | where(U < drop_prob, x_q, x_fp) elementwise (qdrop)
+      rec   = mean((ŷ − y_fp)² · W)                    hessian_perturb / hessian_brecq (W broadcast or W[idx])
+            = mean_{other} Σ_{dim 1} (ŷ − y_fp)²   (|·| for mae)                  mse / mae
+            = KL(softmax(y_fp) ‖ softmax(ŷ)) 'batchmean'                         head unit, any metric
+      rec   ← 2·rec / rec₁  (rec₁ = first step's rec; `init_loss_norm`, post-73e78a7 reference)
+      round = 0 for t < warmup·iters, else λ Σ (1 − |2h(α) − 1|^β(t))
+      loss  = rec + round
+
+* then hard rounding is written into the weights (`finalize_adaround`) and the activation
+  quantizers go back to eval (no STE, no QDrop).
+
+Targets come from the FP teacher `fp_model` (the GELU model, even when `qmodel` had its MLPs
+reconstructed with ReLU). Faster than the reference with the same maths (spec §7): the FP unit
+inputs/outputs come from ONE walk over the FP model (each unit forward once, only the current
+unit's tensors kept), the quantized input of unit ℓ+1 is computed incrementally as
+pre(unit_ℓ^quant(x_q,ℓ)) right after unit ℓ is finalised (one unit forward instead of a whole
+quantized-model sweep), ⌊W/s⌋ is cached by AdaRound, parameters that are not learned get
+`requires_grad=False` (no wasted weight/bias/LayerNorm gradients), the round loss is skipped during
+warm-up, and `cfg.compile` optionally `torch.compile`s the unit (off by default; helps on GPU).
+
+Randomness: every unit draws its batches from a CPU generator and its QDrop masks from the global
+RNG, both seeded from (run generator, unit index), so a run resumed at unit k (`start_unit=k`)
+reproduces an uninterrupted run exactly (the caller RNG state is restored afterwards).
+"""
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Callable, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from .adaround import attach_adaround, beta_schedule, finalize_adaround
+from .quant.quantizers import UniformQuantizer, quantizers_of
+from .units import Unit, model_units
+
+__all__ = ["BlockReconConfig", "block_recon_config", "reconstruct_model", "unit_rec_loss", "WeightsArg"]
+
+#: weights(unit_name, quantized_input, fp_input) -> per-unit loss weights (1, *out) / (N, *out), or None.
+WeightsArg = Callable[[str, torch.Tensor, torch.Tensor], "torch.Tensor | None"] | Mapping[str, torch.Tensor] | None
+
+_MODES = ("qdrop", "qinp", "rinp")
+_METRICS = ("hessian_perturb", "hessian_brecq", "mse", "mae")
+_IGNORED_KEYS = {"name", "n_images", "enabled", "temp", "eps", "keep_gpu", "head_loss", "draw", "augment",
+                 "aph_mode", "aph_batch_size"}
+
+
+@dataclass
+class BlockReconConfig:
+    """Block-reconstruction hyper-parameters (defaults: the reference's, spec §4.5 and §5).
+
+    Attributes:
+        iters: optimizer steps per unit (20 000).
+        batch_size: samples per step (32).
+        w_lr: Adam lr of the AdaRound α (1e-3, no schedule).
+        a_lr: Adam lr of the activation scales (4e-5, cosine-annealed to 0 over `iters`).
+        round_lambda: λ of the rounding regulariser (0.01; summed, not averaged, over all weights).
+        beta_start, beta_end, warmup: β schedule 20 → 2, linear after the first `warmup`·iters steps.
+        mode: block input: "qdrop" (elementwise mix), "qinp" (quantized prefix) or "rinp" (FP input).
+        drop_prob: QDrop probability of KEEPING the quantized value (input mix and every act quantizer).
+        metric: "hessian_perturb" (APH), "hessian_brecq" (Fisher g²), "mse" or "mae".
+        use_mean_hessian: average per-sample weights over samples before use (hessian_perturb only).
+        init_loss_norm: rec ← 2·rec/rec₁ (reference after 73e78a7). False: the pre-73e78a7 variant,
+            weights rescaled to mean 1 and rec = Σ_{dim1}(…)/10 averaged (best effort from the spec).
+        learn_act_scale: train the activation scales (reference: always).
+        log_every: loss-curve logging period (0: first and last step only).
+        compile: `torch.compile` the unit for training (off by default; GPU).
+        eval_batch_size: batch of the capture / incremental-input / statistics passes.
+        seed: seed of the run generator when the caller passes none.
+        eval_stats: compute the unit objective over all samples before and after training.
+    """
+
+    iters: int = 20000
+    batch_size: int = 32
+    w_lr: float = 1e-3
+    a_lr: float = 4e-5
+    round_lambda: float = 0.01
+    beta_start: float = 20.0
+    beta_end: float = 2.0
+    warmup: float = 0.2
+    mode: str = "qdrop"
+    drop_prob: float = 0.5
+    metric: str = "hessian_perturb"
+    use_mean_hessian: bool = True
+    init_loss_norm: bool = True
+    learn_act_scale: bool = True
+    log_every: int = 100
+    compile: bool = False
+    eval_batch_size: int = 128
+    seed: int = 3407
+    eval_stats: bool = True
+
+    def __post_init__(self):
+        if self.mode not in _MODES:
+            raise ValueError(f"block reconstruction mode must be one of {_MODES}, got {self.mode!r}")
+        if self.metric not in _METRICS:
+            raise ValueError(f"block reconstruction metric must be one of {_METRICS}, got {self.metric!r} "
+                             "(the reference's 'hessian' is unimplemented there too)")
+        if not 0.0 <= float(self.drop_prob) <= 1.0:
+            raise ValueError(f"drop_prob must be in [0, 1], got {self.drop_prob}")
+
+
+def block_recon_config(cfg: Any = None, **overrides) -> BlockReconConfig:
+    """BlockReconConfig from a dataclass, dict or DictConfig (+ keyword overrides); unknown keys warn."""
+    if isinstance(cfg, BlockReconConfig):
+        values = asdict(cfg)
+    elif cfg is None:
+        values = {}
+    else:
+        values = dict(cfg.items()) if isinstance(cfg, Mapping) or hasattr(cfg, "items") else dict(vars(cfg))
+    values.update(overrides)
+    known = {f.name for f in fields(BlockReconConfig)}
+    unknown = set(values) - known - _IGNORED_KEYS
+    if unknown:
+        warnings.warn(f"block_recon: ignoring unknown config keys {sorted(unknown)}", stacklevel=2)
+    return BlockReconConfig(**{k: v for k, v in values.items() if k in known})
+
+
+# --------------------------------------------------------------------------- losses
+
+
+def unit_rec_loss(out: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None, metric: str, kind: str,
+                  legacy: bool = False) -> torch.Tensor:
+    """Reconstruction loss of one batch (before the first-step normalisation).
+
+    Args:
+        out, target: unit output and FP target, same shape.
+        weight: APH / Fisher weights broadcastable to `out` (already indexed for per-sample weights).
+        metric: see `BlockReconConfig.metric`; the `head` kind always uses KL(softmax(y)‖softmax(ŷ)).
+        legacy: pre-73e78a7 form Σ_{dim1}(·)/10, averaged (weights are expected normalised to mean 1).
+    """
+    if kind == "head":
+        return F.kl_div(F.log_softmax(out, dim=-1), F.softmax(target, dim=-1), reduction="batchmean")
+    if metric in ("hessian_perturb", "hessian_brecq"):
+        e = (out - target).square() * weight
+        return e.sum(1).mean() / 10 if legacy else e.mean()
+    e = (out - target).square() if metric == "mse" else (out - target).abs()
+    return e.sum(1).mean()
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _seed_for(base: int, index: int) -> int:
+    return (base * 1_000_003 + 7919 * (index + 1)) % (2 ** 62)
+
+
+@torch.no_grad()
+def _apply(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, bs: int, device: torch.device) -> torch.Tensor:
+    return torch.cat([fn(b.to(device)) for b in x.split(bs)])
+
+
+def _act_quantizers(module: nn.Module) -> list[UniformQuantizer]:
+    return [q for _, q in quantizers_of(module, role="act") if isinstance(q, UniformQuantizer) and q.active]
+
+
+class _Weights:
+    """Resolves the per-unit loss weights from the `weights` argument."""
+
+    def __init__(self, weights: WeightsArg, cfg: BlockReconConfig):
+        self.weights, self.cfg = weights, cfg
+
+    def __call__(self, unit: Unit, q_in: torch.Tensor, fp_in: torch.Tensor, device: torch.device
+                 ) -> torch.Tensor | None:
+        cfg = self.cfg
+        if unit.kind == "head" or cfg.metric in ("mse", "mae"):
+            return None
+        if callable(self.weights):
+            w = self.weights(unit.name, q_in, fp_in)
+        elif self.weights is not None:
+            w = self.weights.get(unit.name)
+        else:
+            w = None
+        if w is None:
+            raise ValueError(f"metric {cfg.metric!r} needs loss weights for unit {unit.name!r}; pass `weights` "
+                             "(APH dict from aphq.aph.average_perturbation_hessian, or a callable)")
+        w = w.to(device=device, dtype=torch.float32)
+        if cfg.metric == "hessian_perturb" and cfg.use_mean_hessian and w.shape[0] > 1:
+            w = w.mean(0, keepdim=True)
+        if not cfg.init_loss_norm:
+            w = w * (w.numel() / w.sum().clamp_min(torch.finfo(w.dtype).tiny))
+        return w
+
+
+def _weight_rows(w: torch.Tensor | None, idx: torch.Tensor) -> torch.Tensor | None:
+    if w is None or w.shape[0] == 1:
+        return w
+    return w[idx]
+
+
+@torch.no_grad()
+def _objective(module: nn.Module, x: torch.Tensor, y: torch.Tensor, w: torch.Tensor | None, cfg: BlockReconConfig,
+               kind: str) -> float:
+    """Un-normalised unit loss over all samples (eval mode), averaged over batches weighted by size."""
+    total, n = 0.0, x.shape[0]
+    for start in range(0, n, cfg.eval_batch_size):
+        sl = slice(start, min(start + cfg.eval_batch_size, n))
+        wb = w if (w is None or w.shape[0] == 1) else w[sl]
+        loss = unit_rec_loss(module(x[sl]), y[sl], wb, cfg.metric, kind, legacy=not cfg.init_loss_norm)
+        total += float(loss) * (sl.stop - sl.start)
+    return total / n
+
+
+# --------------------------------------------------------------------------- public API
+
+
+def reconstruct_model(qmodel: nn.Module, fp_model: nn.Module, images: torch.Tensor, cfg: Any = None,
+                      weights: WeightsArg = None, tracker=None, device: torch.device | str = "cpu",
+                      generator: torch.Generator | None = None, on_unit_done: Callable[[str], None] | None = None,
+                      start_unit: int = 0, q_input: torch.Tensor | None = None, stop_unit: int | None = None,
+                      progress: bool = True) -> dict:
+    """Reconstruct every unit of the calibrated wrapped model `qmodel`, in place.
+
+    Args:
+        qmodel: calibrated model from `common.quant.wrap.wrap_model` (possibly with ReLU MLPs after MR).
+        fp_model: the FP teacher (GELU) with the same unit structure; unchanged.
+        images: reconstruction images (the reference: 1024), kept in this order.
+        cfg: BlockReconConfig, dict or DictConfig.
+        weights: per-unit loss weights for the hessian metrics: a dict {unit: (1|N, *out)} (the APH), or a
+            callable weights(unit_name, quantized_input, fp_input) called just before the unit trains (e.g.
+            `aphq.aph.brecq_fisher_weights`); None for mse/mae. Per-sample weights are indexed with the
+            batch indices. Not used for `head` (KL).
+        tracker: `common.tracking.Tracker`; curve ``recon/<unit>`` gets loss, rec (normalised), rec_raw
+            and round every `log_every` steps and at the first and last step.
+        device: where captures and training live.
+        generator: run-level CPU generator (default: seeded with `cfg.seed`); each unit's seed is drawn
+            from it deterministically, so a fresh generator with the same seed reproduces a run.
+        on_unit_done: called with the unit name right after the unit is finalised (checkpoint hook).
+        start_unit: resume at this unit index; units before it must already be reconstructed in `qmodel`.
+        q_input: the quantized input of unit `start_unit`'s module (default: recomputed from `images`
+            through the finalised units, which gives the same tensor).
+        stop_unit: stop before this unit index (default: all units).
+        progress: show tqdm bars.
+
+    Returns:
+        {"units": {name: {"rec_first", "rec_last" (un-normalised training loss at the first/last step),
+        "round_last", "objective_before", "objective_after" (unit loss over all images with the
+        quantized input, before training with round-to-nearest and after hard rounding), "seconds",
+        "sec_per_iter", "iters"}}, "seconds": total, "capture_seconds": FP/quant stream time}.
+    """
+    cfg = block_recon_config(cfg)
+    device = torch.device(device)
+    units_q, units_fp = model_units(qmodel), model_units(fp_model)
+    if [u.name for u in units_q] != [u.name for u in units_fp]:
+        raise ValueError("qmodel and fp_model must have the same units: "
+                         f"{[u.name for u in units_q]} vs {[u.name for u in units_fp]}")
+    stop = len(units_q) if stop_unit is None else min(stop_unit, len(units_q))
+    if not 0 <= start_unit <= stop:
+        raise ValueError(f"start_unit {start_unit} out of range 0..{stop}")
+    gen = generator if generator is not None else torch.Generator().manual_seed(int(cfg.seed))
+    base_seed = int(torch.randint(0, 2 ** 62, (1,), generator=gen))
+    resolve_w = _Weights(weights, cfg)
+    eb = cfg.eval_batch_size
+    t_total = time.perf_counter()
+    capture = 0.0
+    saved_rg = [(p, p.requires_grad) for p in qmodel.parameters()]
+    saved_train = [(m, m.training) for m in list(qmodel.modules()) + list(fp_model.modules())]
+    stats: dict[str, dict] = {}
+    try:
+        qmodel.eval()
+        fp_model.eval()
+        for p, _ in saved_rg:
+            p.requires_grad_(False)
+        t0 = time.perf_counter()
+        fp_prev = images
+        for u in units_fp[:start_unit]:
+            fp_prev = _apply(u.module, _apply(u.pre, fp_prev, eb, device), eb, device)
+        if q_input is None:
+            q_prev = images
+            for u in units_q[:start_unit]:
+                q_prev = _apply(u.module, _apply(u.pre, q_prev, eb, device), eb, device)
+        capture += time.perf_counter() - t0
+        for index in range(start_unit, stop):
+            uq, uf = units_q[index], units_fp[index]
+            t0 = time.perf_counter()
+            fp_in = _apply(uf.pre, fp_prev, eb, device)
+            fp_out = _apply(uf.module, fp_in, eb, device)
+            if index == start_unit and q_input is not None:
+                q_in = q_input.to(device)
+            else:
+                q_in = _apply(uq.pre, q_prev, eb, device)
+            capture += time.perf_counter() - t0
+            w = resolve_w(uq, q_in, fp_in, device)
+            stats[uq.name] = _reconstruct_unit(uq, fp_in, fp_out, q_in, w, cfg, _seed_for(base_seed, index),
+                                               tracker, device, progress)
+            if on_unit_done is not None:
+                on_unit_done(uq.name)
+            t0 = time.perf_counter()
+            q_prev = _apply(uq.module, q_in, eb, device)
+            fp_prev = fp_out
+            capture += time.perf_counter() - t0
+            del fp_in, q_in, w
+    finally:
+        for p, flag in saved_rg:
+            p.requires_grad_(flag)
+        for m, flag in saved_train:
+            m.training = flag
+    return {"units": stats, "seconds": round(time.perf_counter() - t_total, 3), "capture_seconds": round(capture, 3)}
+
+
+def _reconstruct_unit(unit: Unit, fp_in: torch.Tensor, fp_out: torch.Tensor, q_in: torch.Tensor,
+                      w: torch.Tensor | None, cfg: BlockReconConfig, seed: int, tracker, device: torch.device,
+                      progress: bool) -> dict:
+    """Train one unit (AdaRound α + activation scales) and finalise it."""
+    module, kind = unit.module, unit.kind
+    legacy = not cfg.init_loss_norm
+    before = _objective(module, q_in, fp_out, w, cfg, kind) if cfg.eval_stats else float("nan")
+    adas = attach_adaround(module)
+    act_qs = _act_quantizers(module)
+    alphas = [a.alpha for a in adas]
+    scales = [q.scale for q in act_qs] if cfg.learn_act_scale else []
+    for p in alphas + scales:
+        p.requires_grad_(True)
+    for q in act_qs:
+        q.ste = True
+        q.drop_prob = float(cfg.drop_prob) if cfg.mode == "qdrop" else 1.0
+        q.train()
+    w_opt = torch.optim.Adam(alphas, lr=cfg.w_lr) if alphas else None
+    a_opt = torch.optim.Adam(scales, lr=cfg.a_lr) if scales else None
+    a_sched = torch.optim.lr_scheduler.CosineAnnealingLR(a_opt, T_max=cfg.iters, eta_min=0.0) if a_opt else None
+    forward = torch.compile(module, dynamic=False) if cfg.compile else module
+    gen = torch.Generator().manual_seed(seed)
+    n = fp_in.shape[0]
+    warm = cfg.warmup * cfg.iters
+    rec0 = None
+    rec_first = rec_last = round_last = float("nan")
+    t0 = time.perf_counter()
+    fork_devices = [device.index or 0] if device.type == "cuda" else []
+    try:
+        with torch.random.fork_rng(devices=fork_devices):
+            torch.manual_seed(seed)
+            bar = tqdm(range(1, cfg.iters + 1), desc=f"recon {unit.name}", disable=not progress, mininterval=2.0)
+            for t in bar:
+                idx = torch.randperm(n, generator=gen)[: cfg.batch_size].to(device)
+                x_fp = fp_in[idx]
+                if cfg.mode == "rinp":
+                    x = x_fp
+                elif cfg.mode == "qinp":
+                    x = q_in[idx]
+                else:
+                    x_q = q_in[idx]
+                    x = torch.where(torch.rand_like(x_q) < cfg.drop_prob, x_q, x_fp)
+                rec = unit_rec_loss(forward(x), fp_out[idx], _weight_rows(w, idx), cfg.metric, kind, legacy)
+                if rec0 is None:
+                    rec0 = float(rec.detach())
+                    rec_first = rec0
+                    if not (rec0 > 0 and math.isfinite(rec0)):
+                        warnings.warn(f"{unit.name}: first reconstruction loss is {rec0}; skipping the "
+                                      "first-step normalisation (the reference would produce NaN here)")
+                rec_opt = rec * (2.0 / rec0) if (cfg.init_loss_norm and rec0 > 0 and math.isfinite(rec0)) else rec
+                if alphas and t >= warm:
+                    beta = beta_schedule(t, cfg.iters, cfg.warmup, cfg.beta_start, cfg.beta_end)
+                    round_loss = cfg.round_lambda * sum(a.round_loss(beta) for a in adas)
+                    loss = rec_opt + round_loss
+                else:
+                    round_loss = None
+                    loss = rec_opt
+                if w_opt is not None:
+                    w_opt.zero_grad(set_to_none=True)
+                if a_opt is not None:
+                    a_opt.zero_grad(set_to_none=True)
+                if loss.requires_grad:
+                    loss.backward()
+                if w_opt is not None:
+                    w_opt.step()
+                if a_opt is not None:
+                    a_opt.step()
+                    a_sched.step()
+                if t == 1 or t == cfg.iters or (cfg.log_every and t % cfg.log_every == 0):
+                    rec_last = float(rec.detach())
+                    round_last = 0.0 if round_loss is None else float(round_loss.detach())
+                    if tracker is not None:
+                        tracker.log_curve(f"recon/{unit.name}", t, loss=float(loss.detach()),
+                                          rec=float(rec_opt.detach()), rec_raw=rec_last, round=round_last)
+    finally:
+        seconds = time.perf_counter() - t0
+        finalize_adaround(module)
+        for q in act_qs:
+            q.ste = False
+            q.drop_prob = 1.0
+            q.eval()
+        for p in alphas + scales:
+            p.requires_grad_(False)
+            p.grad = None
+    after = _objective(module, q_in, fp_out, w, cfg, kind) if cfg.eval_stats else float("nan")
+    return {"rec_first": rec_first, "rec_last": rec_last, "round_last": round_last, "objective_before": before,
+            "objective_after": after, "seconds": round(seconds, 3), "sec_per_iter": seconds / max(cfg.iters, 1),
+            "iters": cfg.iters}
