@@ -26,6 +26,7 @@ the reference.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -118,7 +119,8 @@ def _proxy_matrix(gram: torch.Tensor, colsum: torch.Tensor, n_rows: float, sl: s
 @torch.no_grad()
 def wqer_layer(weight: torch.Tensor, bias: torch.Tensor | None, gram_ext: torch.Tensor, grid: WeightGrid,
                lam: float, penalize_bias: bool = True, refine: bool = True, max_iters: int = 100,
-               compensate: bool = True, chol: SuffixCholesky | None = None
+               compensate: bool = True, chol: SuffixCholesky | None = None,
+               on_round: Callable[[slice, torch.Tensor, torch.Tensor], None] | None = None
                ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Quantize (W, b) column block by column block with refinement and ridge compensation.
 
@@ -132,6 +134,7 @@ def wqer_layer(weight: torch.Tensor, bias: torch.Tensor | None, gram_ext: torch.
         refine / max_iters: rounding refinement switch and iteration cap.
         compensate: ridge compensation of the remaining columns (off: blockwise RTN/refinement only).
         chol: a factorisation of the ridge matrix to reuse (built here when None).
+        on_round: called after each round with (S, V before compensation, V after), for tests/diagnostics.
     Returns the new (W, b); W is on the grid except, without bias, its last column.
     """
     d_in = weight.shape[1]
@@ -158,9 +161,12 @@ def wqer_layer(weight: torch.Tensor, bias: torch.Tensor | None, gram_ext: torch.
         new = torch.where(up, hi_v, lo_v)
         err = (new - vs).double()
         V[:, S] = new
+        before = V.clone() if on_round is not None else None
         if compensate:
             delta = chol.solve(done + s, gram[R, S] @ err.T)  # (|R|, d_out)
             V[:, R] -= delta.T.to(V.dtype)
+        if on_round is not None:
+            on_round(S, before, V.clone())
         done += s
     if has_bias:
         return V[:, :d_in].contiguous(), V[:, d_in].contiguous()
