@@ -58,6 +58,13 @@ def validate(cfg: DictConfig) -> None:
         raise UserError(f"device={cfg.device!r} is not supported: use auto, cpu or cuda[:N]")
     if str(cfg.device).startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"device={cfg.device} requested but CUDA is not available; use device=auto or device=cpu")
+    # dataset folders: checked here so a typo fails before the model (maybe a large checkpoint) is loaded
+    dataset, root = cfg.dataset.get("name"), cfg.dataset.get("root")
+    if dataset == "imagenet" and root in (None, ""):
+        raise UserError("dataset.root is not set: set `dataset.root=/path/to/imagenet` (holding train/ and val/)")
+    if dataset in ("imagenet", "imagenet_sample") and root not in (None, "") and not Path(str(root)).expanduser().is_dir():
+        raise UserError(f"dataset root {str(root)!r} does not exist: set `dataset.root=` to a folder holding "
+                        + ("train/ and val/" if dataset == "imagenet" else "val/<wnid>/*.JPEG"))
 
 
 def resolve_dataset(cfg: DictConfig) -> None:
