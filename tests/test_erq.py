@@ -40,6 +40,15 @@ def _grid(w: torch.Tensor, bits: int = 4) -> WeightGrid:
     return WeightGrid(s[:, None], z[:, None], bits)
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Small tensors: OpenMP fork/join dominates on a shared 2-core machine; one thread is faster."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 # --------------------------------------------------------------------------- statistics / solves
 
 def test_streamed_stats_equal_one_shot_gram():
