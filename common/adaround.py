@@ -176,6 +176,7 @@ def attach_adaround(module_or_unit: nn.Module | Unit, zeta: float = 1.1, gamma: 
         if not isinstance(wq, UniformQuantizer) or not wq.active:
             continue
         ada = AdaRoundQuantizer(wq, layer.weight, zeta=zeta, gamma=gamma).to(layer.weight.device)
+        ada.train(wq.training)
         ada.was_frozen = getattr(layer, "cached_weight", None) is not None
         layer.unfreeze_weight()
         layer.weight_quantizer = ada
@@ -201,6 +202,7 @@ def finalize_adaround(module_or_unit: nn.Module | Unit) -> int:
         w_hat = ada.hard_weight()
         layer.weight.data.copy_(w_hat.to(layer.weight.dtype))
         uq = ada.to_uniform()
+        uq.train(layer.training)
         check = uq.fake_quant(layer.weight)
         if not torch.equal(check, w_hat):  # pragma: no cover - guards against an exotic scale layout
             bad = (check != w_hat).sum().item()

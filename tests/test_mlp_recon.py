@@ -1,0 +1,129 @@
+"""MLP reconstruction (spec §3): ReLU swap, ub percentile, objective decrease, FP teacher untouched."""
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import timm
+import torch
+from torch import nn
+
+from aphq.mlp_recon import (MLPReconConfig, mlp_blocks, mlp_recon_config, positive_quantile, reconstruct_mlps,
+                            relu_swap)
+from common.tracking import Tracker
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _tiny_vit(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    m = timm.create_model("vit_tiny_patch16_224", img_size=16, patch_size=8, embed_dim=16, depth=2, num_heads=2,
+                          num_classes=5).eval()
+    with torch.no_grad():
+        m.head.weight.normal_(0, 1.0)
+    return m
+
+
+@pytest.fixture(scope="module")
+def images() -> torch.Tensor:
+    return torch.randn(48, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+
+
+def test_relu_swap_replaces_every_block_mlp_activation():
+    m = relu_swap(_tiny_vit())
+    assert all(isinstance(b.mlp.act, nn.ReLU) for b in m.blocks)
+    act = m.blocks[0].mlp.act
+    relu_swap(m)
+    assert m.blocks[0].mlp.act is act  # idempotent
+    assert mlp_blocks(m) == ["blocks.0", "blocks.1"]
+
+
+def test_relu_swap_swin():
+    m = timm.create_model("swin_tiny_patch4_window7_224", img_size=56, embed_dim=16, depths=(1, 1), num_heads=(1, 2),
+                          num_classes=5)
+    relu_swap(m)
+    assert mlp_blocks(m) == ["layers.0.blocks.0", "layers.1.blocks.0"]
+    assert all(isinstance(m.get_submodule(f"{b}.mlp.act"), nn.ReLU) for b in mlp_blocks(m))
+
+
+def test_positive_quantile_is_the_reference_rank():
+    g = torch.Generator().manual_seed(0)
+    v = torch.randn(10007, generator=g)
+    for pct in (0.5, 0.98, 0.99, 1.0):
+        pos = torch.sort(v[v > 0]).values
+        assert positive_quantile(v, pct) == pos[math.ceil(pos.numel() * pct) - 1].item()
+    assert positive_quantile(-v.abs(), 0.99) == float("inf")
+
+
+def test_config_from_mapping_warns_on_unknown_keys():
+    cfg = mlp_recon_config({"iters": 5, "pct": 0.98, "enabled": True})
+    assert cfg == MLPReconConfig(iters=5, pct=0.98)
+    with pytest.warns(UserWarning, match="unknown"):
+        mlp_recon_config({"iterz": 5})
+    with pytest.raises(ValueError, match="mae"):
+        MLPReconConfig(metric="mae")
+
+
+@pytest.mark.parametrize("metric", ["hessian_perturb", "mse"])
+def test_reconstruction_lowers_its_objective(images, metric, tmp_path):
+    fp = _tiny_vit()
+    fp_state = copy.deepcopy(fp.state_dict())
+    model = copy.deepcopy(fp)
+    tracker = Tracker(tmp_path)
+    cfg = {"iters": 120, "batch_size": 16, "lr": 1e-3, "pct": 0.98, "metric": metric, "log_every": 40,
+           "eval_batch_size": 16, "aph_batch_size": 16}
+    res = reconstruct_mlps(model, fp, images, cfg, tracker=tracker, progress=False)
+    assert set(res["blocks"]) == {"blocks.0", "blocks.1"}
+    for name, st in res["blocks"].items():
+        assert st["objective_after"] < 0.5 * st["objective_before"], (name, st)
+        assert 0 < st["ub"] < float("inf")
+    assert isinstance(model.blocks[0].mlp.act, nn.ReLU)
+    assert all(torch.equal(v, fp.state_dict()[k]) for k, v in fp_state.items())  # teacher unchanged
+    assert all(p.requires_grad and p.grad is None for p in model.parameters())
+    # Only fc1/fc2 of the MLPs change.
+    for k, v in model.state_dict().items():
+        if ".mlp.fc" not in k:
+            assert torch.equal(v, fp_state[k]), k
+    curves = [line for line in tracker.path.read_text().splitlines() if '"mr/blocks.0"' in line]
+    assert len(curves) == 4  # steps 1, 40, 80, 120
+
+
+def test_same_generator_same_result(images):
+    fp = _tiny_vit()
+    cfg = {"iters": 20, "batch_size": 8, "metric": "mse", "eval_batch_size": 16}
+    a, b = copy.deepcopy(fp), copy.deepcopy(fp)
+    reconstruct_mlps(a, fp, images, cfg, generator=torch.Generator().manual_seed(5), progress=False)
+    reconstruct_mlps(b, fp, images, cfg, generator=torch.Generator().manual_seed(5), progress=False)
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+def _demo_weights_available() -> bool:
+    try:
+        from common.digits import DEFAULT_WEIGHTS
+    except Exception:  # pragma: no cover
+        return False
+    return DEFAULT_WEIGHTS.is_file()
+
+
+@pytest.mark.skipif(not _demo_weights_available(), reason="demo weights (common/assets/vit_digits.safetensors) "
+                    "not trained yet")
+def test_demo_accuracy_kept_within_two_points():
+    from common.digits import digits_split
+
+    split = digits_split()
+    fp = timm.create_model("vit_digits", pretrained=True).eval()
+    model = copy.deepcopy(fp)
+    calib = split["calib_pool"][0][:128]
+    reconstruct_mlps(model, fp, calib, {"iters": 400, "lr": 1e-3, "pct": 0.99}, progress=False)
+    x, y = split["test"]
+    with torch.no_grad():
+        acc_fp = (fp(x).argmax(-1) == y).float().mean().item() * 100
+        acc_mr = (model(x).argmax(-1) == y).float().mean().item() * 100
+    assert acc_mr >= acc_fp - 2.0, (acc_fp, acc_mr)
