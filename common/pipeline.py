@@ -81,7 +81,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                     "checkpoint": _checkpoint_id(cfg.model.get("checkpoint")),
                     "dataset": OmegaConf.to_container(cfg.dataset, resolve=True), "seed": int(cfg.seed)}
         stages = StageCache(run_dir, cfg.stages.get("shared_dir"), bool(cfg.stages.reuse),
-                            OmegaConf.to_container(cfg.stages.get("load") or {}, resolve=True))
+                            OmegaConf.to_container(cfg.stages.load, resolve=True) if cfg.stages.get("load") else {})
         _debug_sleep_after_stage(stages, (cfg.get("debug") or {}).get("sleep_after_stage"))
         ctx = RunContext(cfg, run_dir, device, stages, tracker, base_key, timings)
 

@@ -3,8 +3,9 @@
 Record protocol (what methods call, what `python -m common.report` and the tests read back):
 
 * `tracker.log({"stage": "aphq_calibrate", "calib_top1": 71.2, ...})`: one JSON line with a wall-clock
-  `time`; numbers go to W&B as `<stage>/<key>` (unprefixed when there is no `stage`). With `step=` the
-  record also carries `step` and W&B plots those keys against `<stage>/step`.
+  `time`; numbers go to W&B as `<stage>/<key>` (or `<event>/<key>` for records with an `event` but no
+  `stage`; the pipeline's `event: final` record is logged unprefixed: `quant_top1`, `fp_top1`, ...). With
+  `step=` the record also carries `step` and W&B plots those keys against `<stage>/step`.
 * `tracker.log_curve("block_recon/blocks.3", step, loss=0.12)`: one point of a per-unit curve, e.g. a
   reconstruction loss against the iteration. Name curves `<stage>/<unit>`; W&B gets `<curve>/<value>`
   plotted against `<curve>/step` ('.' in W&B names becomes '_': `blocks_3`), the report draws one line per unit.
@@ -23,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import socket
 import time
 from pathlib import Path
@@ -30,7 +32,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-__all__ = ["Tracker", "build_tracker", "wandb_identity", "flatten", "hydra_info"]
+__all__ = ["Tracker", "build_tracker", "wandb_identity", "job_name", "flatten", "hydra_info", "INFRA_OVERRIDE"]
 
 _MAX_NAME = 128  # W&B limit for names and groups
 
@@ -43,6 +45,24 @@ def _number(v: Any) -> bool:
 def _wb(name: str) -> str:
     """W&B-safe key part: '.' (module paths like `blocks.3`) becomes '_', as W&B nests on dots."""
     return name.replace(".", "_")
+
+
+# Overrides that never change a result: infrastructure, paths, logging. Left out of W&B run names and of the
+# report's row labels (common.report), whatever `hydra.job.config.override_dirname.exclude_keys` says.
+INFRA_OVERRIDE = re.compile(
+    r"^(launcher|logger|device|num_threads|local)$"
+    r"|^(hydra|logger|cluster|stages|precision|debug)\."
+    r"|^model\.(checkpoint|pretrained)$|^dataset\.(root|num_workers|eval_batch_size)$")
+
+
+def job_name(overrides: list[str]) -> str:
+    """`bits=w4a4,method=erq,method.coe=1000,model=deit_s` from the job's overrides, infrastructure left out."""
+    keep = []
+    for ov in overrides:
+        key = str(ov).lstrip("+~").split("=", 1)[0]
+        if not INFRA_OVERRIDE.search(key):
+            keep.append(str(ov).lstrip("+~"))
+    return ",".join(sorted(keep))
 
 
 def flatten(d: dict[str, Any], prefix: str = "", sep: str = "/") -> dict[str, Any]:
@@ -86,7 +106,8 @@ class Tracker:
         self._write(rec)
         if self.wandb is None:
             return
-        stage = _wb(metrics["stage"]) if isinstance(metrics.get("stage"), str) else None
+        group = metrics.get("stage") or (metrics.get("event") if metrics.get("event") != "final" else None)
+        stage = _wb(group) if isinstance(group, str) else None
         nums = {(f"{stage}/{k}" if stage else k): v for k, v in metrics.items()
                 if _number(v) and k != "step"}
         if step is not None and stage:
@@ -135,7 +156,6 @@ def hydra_info() -> dict[str, Any]:
         "multirun": multirun,
         "sweep_dir": str(hc.sweep.dir) if multirun else None,
         "job_num": int(hc.job.num) if multirun and hc.job.get("num") is not None else None,
-        "override_dirname": str(hc.job.override_dirname or ""),
         "overrides": list(hc.overrides.task),
         "output_dir": str(hc.runtime.output_dir),
     }
@@ -154,7 +174,7 @@ def wandb_identity(cfg: DictConfig, info: dict[str, Any] | None = None) -> dict[
     if not group and info.get("sweep_dir"):
         group = "-".join(Path(info["sweep_dir"]).parts[-2:])
     tags = list(dict.fromkeys([t for t in (method, model, bits) if t] + [str(t) for t in logger.get("tags") or []]))
-    name = logger.get("run_name") or info.get("override_dirname") or f"{model}-{method}-{bits}"
+    name = logger.get("run_name") or job_name(info.get("overrides") or []) or f"{model}-{method}-{bits}"
     return {"group": str(group)[-_MAX_NAME:] if group else None, "job_type": logger.get("job_type") or method,
             "tags": [t[:64] for t in tags], "name": str(name)[:_MAX_NAME]}
 
