@@ -23,7 +23,6 @@ from typing import Sequence
 
 import torch
 
-from .quant.primitives import fake_quant_affine, fake_quant_log_sqrt2
 
 __all__ = ["group_quantiles", "search_uniform_percentile", "search_log_sqrt2_percentile", "TORCH_QUANTILE_MAX"]
 
@@ -45,24 +44,46 @@ def _ranks(n: int, probs: Sequence[float]) -> tuple[torch.Tensor, torch.Tensor, 
     return below, above, (w.float() if n <= TORCH_QUANTILE_MAX else w)
 
 
+def _tail(row: torch.Tensor, k: int, largest: bool) -> torch.Tensor:
+    """The k largest (or smallest) values of a 1-D tensor, sorted from the extreme inwards.
+
+    For long rows a threshold guessed from a strided subsample pre-selects candidates in one pass;
+    the candidate count is checked, so the result is exact (else plain `topk`).
+    """
+    n = row.numel()
+    if n > (1 << 17):
+        stride = n >> 16
+        sub = row[::stride]
+        m = sub.numel()
+        need = min(m, int(2 * k * m / n) + 16)  # expected share of the tail in the subsample, doubled
+        t = torch.topk(sub, need, largest=largest, sorted=False).values
+        t = t.min() if largest else t.max()
+        cand = row[row >= t] if largest else row[row <= t]
+        if cand.numel() >= k:
+            return torch.topk(cand, k, largest=largest, sorted=True).values
+    return torch.topk(row, k, largest=largest, sorted=True).values
+
+
 def _order_stats(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """x (G, n) -> the order statistics at sorted positions `idx` (K,) for every row, as (G, K).
 
-    Uses `topk` on the tails when all positions are near the ends of a long row, else a full sort.
+    Uses the two tails only (`topk`) when all positions are near the ends of a long row, else a sort.
     """
     n = x.shape[1]
-    lo_need = int(idx[idx < n // 2].max().item()) + 1 if (idx < n // 2).any() else 0
-    hi_need = n - int(idx[idx >= n // 2].min().item()) if (idx >= n // 2).any() else 0
+    low, high = idx < n // 2, idx >= n // 2
+    lo_need = int(idx[low].max().item()) + 1 if bool(low.any()) else 0
+    hi_need = n - int(idx[high].min().item()) if bool(high.any()) else 0
     if n > 4096 and lo_need + hi_need < n // 8:
         out = torch.empty(x.shape[0], idx.numel(), dtype=x.dtype, device=x.device)
-        if lo_need:
-            small = torch.topk(x, lo_need, dim=1, largest=False, sorted=True).values
-            m = idx < n // 2
-            out[:, m] = small[:, idx[m].to(x.device)]
-        if hi_need:
-            big = torch.topk(x, hi_need, dim=1, largest=True, sorted=True).values  # big[:, k] = sorted[n-1-k]
-            m = idx >= n // 2
-            out[:, m] = big[:, (n - 1 - idx[m]).to(x.device)]
+        for need, mask, largest in ((lo_need, low, False), (hi_need, high, True)):
+            if not need:
+                continue
+            if x.shape[0] == 1:
+                ext = _tail(x[0], need, largest)[None, :]
+            else:
+                ext = torch.topk(x, need, dim=1, largest=largest, sorted=True).values
+            pos = idx[mask] if not largest else n - 1 - idx[mask]  # ext[:, k] = k-th from the extreme
+            out[:, mask] = ext[:, pos.to(x.device)]
         return out
     return torch.sort(x, dim=1).values[:, idx.to(x.device)]
 
@@ -87,20 +108,44 @@ def group_quantiles(x: torch.Tensor, probs: Sequence[float]) -> torch.Tensor:
     return torch.lerp(lo, hi, w.to(x.device, x.dtype)[None, :].expand_as(lo))
 
 
-def _mean_sq_error(x: torch.Tensor, fq) -> torch.Tensor:
-    """Per-row mean of (fq(x) − x)², float64, evaluated in chunks of rows or columns."""
+def _mean_sq_error(x: torch.Tensor, err_fn) -> torch.Tensor:
+    """Per-row mean of err_fn(chunk, rows)² (float64 result), evaluated in chunks of rows or columns.
+
+    `err_fn` returns a fresh float32 tensor Q(x) − x that may be squared in place.
+    """
     G, n = x.shape
     total = torch.zeros(G, dtype=torch.float64, device=x.device)
     if G > 1:
         step = max(1, _CHUNK // max(n, 1))
         for i in range(0, G, step):
-            xs = x[i:i + step]
-            total[i:i + step] = (fq(xs, slice(i, i + step)) - xs).double().pow(2).sum(1)
+            e = err_fn(x[i:i + step], slice(i, i + step))
+            total[i:i + step] = e.mul_(e).sum(1, dtype=torch.float64)
     else:
         for j in range(0, n, _CHUNK):
-            xs = x[:, j:j + _CHUNK]
-            total += (fq(xs, slice(0, 1)) - xs).double().pow(2).sum(1)
+            e = err_fn(x[:, j:j + _CHUNK], slice(0, 1)).reshape(-1)
+            total += torch.dot(e, e).double()
     return total / n
+
+
+def _uniform_error(x: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor, bits: int) -> torch.Tensor:
+    """fake_quant_affine(x) − x for an integer zero-point, with in-place ops (one allocation)."""
+    if scale.numel() == 1:  # scalar bounds take torch's fast clamp path
+        scale, zp = float(scale), float(zp)
+    t = x / scale
+    t.round_()
+    t.clamp_(min=-zp, max=(2 ** bits - 1) - zp)  # round(x/s) + z clamped to [0, 2^b−1], minus z
+    t.mul_(scale)
+    return t.sub_(x)
+
+
+def _log_sqrt2_error(x: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
+    """fake_quant_log_sqrt2(x) − x with in-place ops."""
+    level = x / scale
+    level.log2_().mul_(-2.0).round_()
+    under = level >= 2 ** bits
+    level.clamp_(0, 2 ** bits - 1).mul_(-0.5).exp2_().mul_(scale)
+    level.masked_fill_(under, 0.0)
+    return level.sub_(x)
 
 
 def _pick_first_best(scores: torch.Tensor, init: float = 1e10) -> tuple[torch.Tensor, torch.Tensor]:
@@ -130,7 +175,7 @@ def search_uniform_percentile(x: torch.Tensor, bits: int, probs: Sequence[float]
     scale = ((q_hi - q_lo) / levels).clamp_min(min_scale)  # (G, P)
     zp = torch.round(-q_lo / scale)
     scores = torch.stack([
-        _mean_sq_error(x, lambda xs, rows, c=c: fake_quant_affine(xs, scale[rows, c:c + 1], zp[rows, c:c + 1], bits))
+        _mean_sq_error(x, lambda xs, rows, c=c: _uniform_error(xs, scale[rows, c:c + 1], zp[rows, c:c + 1], bits))
         for c in range(len(probs))], dim=1)
     best, found = _pick_first_best(scores)
     s = scale.gather(1, best[:, None])[:, 0]
@@ -151,7 +196,7 @@ def search_log_sqrt2_percentile(x: torch.Tensor, bits: int, probs: Sequence[floa
     """
     flat = x.float().reshape(1, -1)
     cands = group_quantiles(flat, probs)[0]  # (P,)
-    scores = torch.stack([_mean_sq_error(flat, lambda xs, rows, c=c: fake_quant_log_sqrt2(xs, cands[c], bits))[0]
+    scores = torch.stack([_mean_sq_error(flat, lambda xs, rows, c=c: _log_sqrt2_error(xs, cands[c], bits))[0]
                           for c in range(len(probs))])
     best, found = _pick_first_best(scores[None, :])
     s = cands[best[0]] if bool(found[0]) else flat.max()

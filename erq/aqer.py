@@ -7,6 +7,7 @@ quantized inputs matches the FP output:
     min_{ΔW,Δb} ‖ Y − [X̃, 1][W+ΔW, b+Δb]ᵀ ‖²_F + λ₁ ‖[ΔW, Δb]‖²_F ,   Y = XWᵀ + 1bᵀ
     Θ = (ÃᵀÃ + λ₁ I)⁻¹ Ãᵀ R ,  Ã = [X̃, 1],  R = (X − X̃) Wᵀ   ⇒   ÃᵀR = C Wᵀ,  C = Ãᵀ(X − X̃)
     W ← W + Θ[:d_in]ᵀ ,  b ← b + Θ[d_in]
+(The bias cancels in R; ÃᵀR is streamed by `erq.stats.LayerStats`.)
 
 Sums are not normalised by N (λ₁ acts against the raw Gram), and the reference penalises the bias
 column too (`penalize_bias`). A layer without bias (Swin `reduction` in ERQ) uses Ã = X̃ and updates W
@@ -31,22 +32,21 @@ def aqer_update(weight: torch.Tensor, bias: torch.Tensor | None, stats: LayerSta
     Args:
         weight: (d_out, d_in) FP weights.
         bias: (d_out,) or None (no-bias branch).
-        stats: the layer's streamed G and C (needs `cross`).
+        stats: the layer's streamed G and ÃᵀR (collected with the layer's pre-Aqer `weight`).
         lam: λ₁.
         penalize_bias: put λ₁ on the bias column as the reference does (False: bias unpenalised).
         chol: a factorisation of the same ridge matrix to reuse (e.g. Wqer's, when λ₁ = λ₂).
     """
-    if stats.cross is None:
-        raise ValueError("Aqer needs the cross statistics C = Ãᵀ(X − X̃); collect them with cross=True")
     d_in = weight.shape[1]
     w64 = weight.double()
+    rhs = stats.aqer_rhs()  # Ãᵀ R for Ã = [X̃, 1]
     if bias is not None:
-        gram, cross = stats.gram, stats.cross
+        gram = stats.gram
     else:
-        gram, cross = stats.gram[:d_in, :d_in], stats.cross[:d_in]
+        gram, rhs = stats.gram[:d_in, :d_in], rhs[:d_in]
     if chol is None:
         chol = SuffixCholesky(ridge_matrix(gram, lam, penalize_last=penalize_bias or bias is None))
-    theta = chol.solve(0, cross @ w64.T)  # (n, d_out)
+    theta = chol.solve(0, rhs)  # (n, d_out)
     new_w = (w64 + theta[:d_in].T).to(weight.dtype)
     new_b = None if bias is None else (bias.double() + theta[d_in]).to(bias.dtype)
     return new_w, new_b

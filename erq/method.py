@@ -168,7 +168,8 @@ class ERQ(RepQViT):
         units = model_units(model)
         for unit in tqdm(units, desc="erq error reduction", mininterval=2.0, leave=False):
             layers = {m.qname: m for _, m in quant_layers(unit.module, (QuantLinear, QuantConv2d))}
-            stats = {n: LayerStats(_features(m), cross=self.aqer_applies(m), dtype=dtype, device=ctx.device)
+            stats = {n: LayerStats(_features(m), weight=m.weight if self.aqer_applies(m) else None, dtype=dtype,
+                                   device=ctx.device)
                      for n, m in layers.items() if self.aqer_applies(m) or self.wqer_applies(m)}
             with ctx.timed("erq_stats"):
                 with quant_state(model, weight=False, act=False), \

@@ -4,10 +4,12 @@ ERQ's Aqer and Wqer see a layer only through its FP input X (N rows) and its own
 Q_a. With Ã = [X̃, 1], X̃ = Q_a(X), everything they need is (spec §10.1):
 
     G = ÃᵀÃ             ((d+1) × (d+1); the ones column gives the column sums and N)
-    C = Ãᵀ (X − X̃)      ((d+1) × d; Aqer's right-hand side is C Wᵀ, the FP outputs are never stored)
+    ÃᵀR = Ãᵀ(X − X̃)Wᵀ   ((d+1) × d_out; Aqer's right-hand side, the FP outputs are never stored)
 
-Both are accumulated batch by batch in float64 (each batch product in `dtype`), so any number of
-calibration images fits in O(d²) memory per layer, and only the layers of one unit are live at once.
+ÃᵀR is accumulated as C = Ãᵀ(X − X̃) (then C Wᵀ) when d_in < 2 d_out, else directly from the
+batch residual (X − X̃)Wᵀ, whichever costs fewer multiply-adds (fc2: half). Everything is summed
+batch by batch in float64 (each batch product in `dtype`), so any number of calibration images fits
+in O(d²) memory per layer, and only the layers of one unit are live at once.
 For a conv (the patch embedding) the rows are im2col patches in the weight's (C, kh, kw) order.
 """
 from __future__ import annotations
@@ -46,34 +48,57 @@ def layer_rows(layer: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.T
 
 
 class LayerStats:
-    """G = ÃᵀÃ and (optionally) C = Ãᵀ(X − X̃) of one layer, accumulated in float64."""
+    """G = ÃᵀÃ and (optionally) Aqer's right-hand side ÃᵀR of one layer, accumulated in float64.
 
-    def __init__(self, features: int, cross: bool = True, dtype: torch.dtype = torch.float32,
+    Args:
+        features: d_in (conv: C·kh·kw).
+        weight: the layer's FP weight (d_out, d_in) when Aqer needs ÃᵀR = Ãᵀ(X − X̃)Wᵀ; None for G only.
+        dtype: dtype of each batch's products (float32 like the reference, or float64).
+    """
+
+    def __init__(self, features: int, weight: torch.Tensor | None = None, dtype: torch.dtype = torch.float32,
                  device: torch.device | str = "cpu"):
         self.features = features
         self.dtype = dtype
         self.gram = torch.zeros(features + 1, features + 1, dtype=torch.float64, device=device)
-        self.cross = torch.zeros(features + 1, features, dtype=torch.float64, device=device) if cross else None
+        self.weight = None if weight is None else weight.detach().reshape(weight.shape[0], -1)
+        self._via_cross = self.weight is not None and features < 2 * self.weight.shape[0]
+        self._acc = None
+        if self.weight is not None:
+            cols = features if self._via_cross else self.weight.shape[0]
+            self._acc = torch.zeros(features + 1, cols, dtype=torch.float64, device=device)
 
     @property
     def rows(self) -> int:
         """N, the number of input rows seen."""
         return int(round(float(self.gram[-1, -1])))
 
+    @property
+    def has_rhs(self) -> bool:
+        return self._acc is not None
+
+    def aqer_rhs(self) -> torch.Tensor:
+        """ÃᵀR = Ãᵀ(X − X̃)Wᵀ, shape (d_in + 1, d_out), float64 (rows: the ones column last)."""
+        if self._acc is None:
+            raise ValueError("Aqer statistics were not collected (LayerStats(weight=...))")
+        return self._acc @ self.weight.double().T if self._via_cross else self._acc
+
     @torch.no_grad()
     def update(self, x: torch.Tensor, xq: torch.Tensor) -> None:
         """Add a batch of FP rows x and their quantized version xq (both (rows, features))."""
         d = self.features
         xq_c = xq.to(self.dtype)
-        colsum = xq.double().sum(0)
-        self.gram[:d, :d] += (xq_c.T @ xq_c).double()
+        colsum = xq.sum(0, dtype=torch.float64)
+        self.gram[:d, :d] += xq_c.T @ xq_c
         self.gram[:d, d] += colsum
         self.gram[d, :d] += colsum
         self.gram[d, d] += xq.shape[0]
-        if self.cross is not None:
+        if self._acc is not None:
             diff = (x - xq).to(self.dtype)
-            self.cross[:d] += (xq_c.T @ diff).double()
-            self.cross[d] += diff.double().sum(0)
+            if not self._via_cross:  # residual of the layer output, (rows, d_out)
+                diff = diff @ self.weight.to(self.dtype).T
+            self._acc[:d] += xq_c.T @ diff
+            self._acc[d] += diff.sum(0, dtype=torch.float64)
 
 
 @contextlib.contextmanager

@@ -28,8 +28,8 @@ def _layer_data(n: int = 400, d_in: int = 24, d_out: int = 17, seed: int = 0):
     return x, xq, w, b
 
 
-def _stats(x, xq, cross=True, batches=1) -> LayerStats:
-    st = LayerStats(x.shape[1], cross=cross, dtype=torch.float64)
+def _stats(x, xq, weight=None, batches=1) -> LayerStats:
+    st = LayerStats(x.shape[1], weight=weight, dtype=torch.float64)
     for xs, xqs in zip(x.chunk(batches), xq.chunk(batches)):
         st.update(xs, xqs)
     return st
@@ -51,12 +51,14 @@ def _one_thread():
 
 # --------------------------------------------------------------------------- statistics / solves
 
-def test_streamed_stats_equal_one_shot_gram():
-    x, xq, _, _ = _layer_data()
-    st = _stats(x, xq, batches=7)
+@pytest.mark.parametrize("d_out", [5, 40])  # ÃᵀR via (X − X̃)Wᵀ per batch, or via Ãᵀ(X − X̃) then Wᵀ
+def test_streamed_stats_equal_one_shot_gram(d_out):
+    x, xq, _, _ = _layer_data(d_out=d_out)
+    w = torch.randn(d_out, x.shape[1])
+    st = _stats(x, xq, weight=w, batches=7)
     a = torch.cat([xq, torch.ones(len(xq), 1)], 1).double()
     torch.testing.assert_close(st.gram, a.T @ a, rtol=1e-12, atol=1e-9)
-    torch.testing.assert_close(st.cross, a.T @ (x - xq).double(), rtol=1e-12, atol=1e-9)
+    torch.testing.assert_close(st.aqer_rhs(), a.T @ ((x - xq).double() @ w.double().T), rtol=1e-10, atol=1e-8)
     assert st.rows == len(x)
 
 
@@ -78,7 +80,7 @@ def test_aqer_equals_float64_ridge(with_bias, penalize_bias):
     x, xq, w, b = _layer_data()
     b = b if with_bias else None
     lam = 3.0
-    new_w, new_b = aqer_update(w, b, _stats(x, xq, batches=3), lam, penalize_bias=penalize_bias)
+    new_w, new_b = aqer_update(w, b, _stats(x, xq, w, batches=3), lam, penalize_bias=penalize_bias)
     # independent: ridge regression of the FP output's residual on [X̃, 1], in float64
     x64, xq64, w64 = x.double(), xq.double(), w.double()
     a = torch.cat([xq64, torch.ones(len(x), 1, dtype=torch.float64)], 1) if with_bias else xq64
@@ -96,7 +98,7 @@ def test_aqer_equals_float64_ridge(with_bias, penalize_bias):
 
 def test_aqer_unregularised_limit_is_least_squares():
     x, xq, w, b = _layer_data()
-    new_w, new_b = aqer_update(w, b, _stats(x, xq), lam=1e-10)
+    new_w, new_b = aqer_update(w, b, _stats(x, xq, w), lam=1e-10)
     a = torch.cat([xq, torch.ones(len(x), 1)], 1).double()
     y = x.double() @ w.double().T + b.double()
     sol = torch.linalg.lstsq(a, y).solution  # [W, b]ᵀ minimising ‖Y − Ã Vᵀ‖
@@ -190,7 +192,7 @@ def test_wqer_cholesky_path_equals_explicit_inverse(with_bias, refine):
     b = b if with_bias else None
     grid = _grid(w)
     lam = 5.0
-    st = _stats(x, xq, cross=False, batches=2)
+    st = _stats(x, xq, batches=2)
     w1, b1 = wqer_layer(w, b, st.gram, grid, lam, refine=refine)
     w2, b2 = _naive_wqer(w, b, xq, grid, lam, refine=refine)
     torch.testing.assert_close(w1, w2, rtol=1e-5, atol=1e-6)
@@ -205,7 +207,7 @@ def test_ridge_compensation_never_increases_reconstruction_error():
     x, xq, w, b = _layer_data(n=500, d_in=32, d_out=16, seed=4)
     a = torch.cat([xq, torch.ones(len(xq), 1)], 1).double()
     v0 = torch.cat([w, b[:, None]], 1).double()
-    st = _stats(x, xq, cross=False)
+    st = _stats(x, xq)
 
     def err(v):
         return float((a @ (v.double() - v0).T).pow(2).sum())
@@ -224,7 +226,7 @@ def test_ridge_compensation_never_increases_reconstruction_error():
 def test_wqer_beats_round_to_nearest_on_calibration_data():
     x, xq, w, b = _layer_data(n=600, d_in=40, d_out=24, seed=5)
     grid = _grid(w, bits=3)
-    st = _stats(x, xq, cross=False)
+    st = _stats(x, xq)
     w_hat, b_hat = wqer_layer(w, b, st.gram, grid, lam=1.0)
     rtn = grid.dequant(w, slice(0, w.shape[1]), "round")
     y = xq @ w.T + b
