@@ -1,0 +1,94 @@
+"""Shared fixtures: composing the real Hydra config, pointing runs at tmp dirs, running `run.py`.
+
+* `compose_cfg(overrides)` composes `conf/config.yaml` exactly as `run.py` would (same config dir,
+  same version_base), without the `hydra` node, and returns a mutable-in-struct DictConfig.
+* `run_cfg` (fixture) composes a config whose run dir and shared stage cache live under `tmp_path`,
+  so tests never write into `outputs/` and never pick up another run's stage results.
+* `run_py(args, ...)` runs `python run.py ...` in the repository with a timeout and returns the
+  CompletedProcess (stdout/stderr as text).
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Callable, Iterable
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # plain `pytest` (not `python -m pytest`) without `pip install -e .`
+    sys.path.insert(0, str(REPO))
+
+from hydra import compose, initialize_config_dir  # noqa: E402
+from hydra.core.global_hydra import GlobalHydra  # noqa: E402
+from omegaconf import DictConfig, open_dict  # noqa: E402
+
+from common.config import CONF_DIR, register_resolvers  # noqa: E402
+
+DEMO_WEIGHTS = REPO / "common" / "assets" / "vit_digits.safetensors"
+
+
+def compose_cfg(overrides: Iterable[str] = ()) -> DictConfig:
+    """The composed primary config for `overrides` (as on the command line), Hydra node dropped."""
+    register_resolvers()
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            return compose(config_name="config", overrides=list(overrides), return_hydra_config=False)
+    finally:
+        GlobalHydra.instance().clear()
+
+
+def point_at(cfg: DictConfig, run_dir: Path, shared_dir: Path) -> DictConfig:
+    """Set `run_dir` (used by the pipeline when not under Hydra) and the shared stage cache."""
+    with open_dict(cfg):
+        cfg.run_dir = str(run_dir)
+        cfg.stages.shared_dir = str(shared_dir)
+    return cfg
+
+
+@pytest.fixture
+def run_cfg(tmp_path: Path) -> Callable[..., DictConfig]:
+    """`run_cfg(overrides, run_dir=None)`: composed config writing under tmp_path only.
+
+    Default run dir: `tmp_path/run`; the shared stage cache is always `tmp_path/stage_cache`
+    (per test, so nothing leaks between tests or from the user's `outputs/stage_cache`)."""
+
+    def make(overrides: Iterable[str] = (), run_dir: str | Path | None = None) -> DictConfig:
+        cfg = compose_cfg(overrides)
+        return point_at(cfg, Path(run_dir) if run_dir else tmp_path / "run", tmp_path / "stage_cache")
+
+    return make
+
+
+def subprocess_env(**extra: str) -> dict[str, str]:
+    """Environment for `run.py` subprocesses: offline, no W&B, unbuffered, repo importable, and one torch
+    thread (several processes share few cores in the tests; oversubscribed threads slow torch ~10x)."""
+    env = dict(os.environ)
+    env.update(WANDB_MODE="disabled", HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")])))
+    env.update(extra)
+    return env
+
+
+def run_py(args: Iterable[str], timeout: float = 300, env: dict[str, str] | None = None,
+           cwd: Path = REPO) -> subprocess.CompletedProcess:
+    """`python run.py ARGS` in the repository (or `cwd`), captured as text."""
+    return subprocess.run([sys.executable, str(REPO / "run.py"), *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout, env=env or subprocess_env())
+
+
+def last_line(text: str) -> str:
+    """The last non-empty line of a stream ('' when there is none)."""
+    lines = [ln for ln in text.splitlines() if ln.strip()]
+    return lines[-1] if lines else ""
+
+
+@pytest.fixture
+def need_demo_weights() -> Path:
+    """The bundled demo weights (trained by `python -m common.train_digits`); skip if not there yet."""
+    if not DEMO_WEIGHTS.is_file():
+        pytest.skip(f"demo weights {DEMO_WEIGHTS} not built yet (python -m common.train_digits)")
+    return DEMO_WEIGHTS

@@ -1,0 +1,147 @@
+"""Config composition: every model x bits x method composes to the documented values (golden checks).
+
+Groups are globbed from `conf/`, so a new method (or bits) yaml is covered as soon as it exists.
+Hydra composition costs ~0.1-0.3 s, so every combination is composed inside ONE Hydra context.
+"""
+from __future__ import annotations
+
+import re
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from omegaconf import OmegaConf
+
+from common.config import CONF_DIR, GROUPS, check_group_choice, register_resolvers, resolve_dataset, validate
+from common.errors import UserError
+from conftest import compose_cfg
+
+# Golden values, written out by hand (not read from the code under test).
+MODELS = {  # name: (timm_name, family, default_dataset)
+    "deit_t": ("deit_tiny_patch16_224", "vit", "imagenet_sample"),
+    "deit_s": ("deit_small_patch16_224", "vit", "imagenet_sample"),
+    "deit_b": ("deit_base_patch16_224", "vit", "imagenet_sample"),
+    "vit_s": ("vit_small_patch16_224", "vit", "imagenet_sample"),
+    "vit_b": ("vit_base_patch16_224", "vit", "imagenet_sample"),
+    "swin_t": ("swin_tiny_patch4_window7_224", "swin", "imagenet_sample"),
+    "swin_s": ("swin_small_patch4_window7_224", "swin", "imagenet_sample"),
+    "swin_b": ("swin_base_patch4_window7_224", "swin", "imagenet_sample"),
+    "demo": ("vit_digits", "vit", "digits"),
+}
+DOCUMENTED_BITS = {"w2a2", "w3a3", "w3a4", "w4a4", "w4a8", "w5a5", "w6a6", "w8a8"}  # README table
+BITS = sorted(p.stem for p in (CONF_DIR / "bits").glob("*.yaml"))
+METHODS = sorted(p.stem for p in (CONF_DIR / "method").glob("*.yaml"))
+DATASETS = {  # name: keys that must be there with these values
+    "digits": {"n_calib": 32, "n_eval": None, "eval_batch_size": 400},
+    "imagenet_sample": {"root": None, "calib_pool": 256, "n_calib": 32, "n_eval": None},
+    "imagenet": {"n_calib": 32, "n_eval": None},
+}
+
+
+def _bits_of(name: str) -> tuple[int, int]:
+    m = re.fullmatch(r"w(\d+)a(\d+)", name)
+    assert m, f"conf/bits/{name}.yaml: bits option names must be wNaM"
+    return int(m.group(1)), int(m.group(2))
+
+
+def test_group_options_present() -> None:
+    assert {p.stem for p in (CONF_DIR / "model").glob("*.yaml")} == set(MODELS)
+    assert DOCUMENTED_BITS <= set(BITS)
+    assert {"fp", "ptq"} <= set(METHODS)
+    assert {"auto", *DATASETS} <= {p.stem for p in (CONF_DIR / "dataset").glob("*.yaml")}
+
+
+def test_defaults() -> None:
+    cfg = compose_cfg([])
+    assert (cfg.model.name, cfg.bits.name, cfg.method.name, cfg.dataset.name) == ("demo", "w4a4", "ptq", "auto")
+    assert cfg.seed == 0 and cfg.device == "auto" and cfg.precision.tf32 is False
+    assert cfg.stages.reuse is True and cfg.logger.name == "jsonl"
+    assert cfg.model.checkpoint.endswith("common/assets/vit_digits.safetensors")  # ${vitq.asset:} resolves
+    assert cfg.stages.shared_dir.endswith("outputs/stage_cache")
+
+
+def _check(cfg, model: str, bits: str, method: str) -> None:
+    timm_name, family, default_dataset = MODELS[model]
+    w, a = _bits_of(bits)
+    where = f"model={model} bits={bits} method={method}"
+    assert cfg.model.name == model and cfg.model.timm_name == timm_name and cfg.model.family == family, where
+    assert cfg.model.default_dataset == default_dataset, where
+    assert OmegaConf.is_dict(cfg.model.kwargs), where
+    assert cfg.bits.name == bits and (cfg.bits.w_bit, cfg.bits.a_bit) == (w, a), where
+    assert cfg.bits.head_a_bit == a and cfg.bits.head_w_bit == w, where  # interpolations follow a_bit / w_bit
+    assert cfg.bits.patch_embed_a_bit == 32, where
+    assert cfg.method.name == method, f"{where}: conf/method/{method}.yaml must say name: {method}"
+    assert isinstance(cfg.method.get("n_calib", 0), int) and cfg.method.get("n_calib", 0) >= 0, where
+    assert cfg.dataset.name == "auto", where
+    validate(cfg)  # the cheap pre-flight checks accept every shipped combination
+
+
+def test_every_model_bits_method_composes() -> None:
+    """model x bits with fp and ptq; every method yaml with every model and with every bits option."""
+    register_resolvers()
+    combos = {(m, b, me) for m in MODELS for b in BITS for me in ("fp", "ptq")}
+    combos |= {(m, BITS[0], me) for m in MODELS for me in METHODS}
+    combos |= {("deit_s", b, me) for b in BITS for me in METHODS}
+    for tuned in (CONF_DIR / "tuned").glob("*.yaml"):  # every tuned triple that can be recognised
+        for me in METHODS:
+            for m in MODELS:
+                for b in BITS:
+                    if tuned.stem == f"{me}_{m}_{b}":
+                        combos.add((m, b, me))
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            for model, bits, method in sorted(combos):
+                cfg = compose(config_name="config", overrides=[f"model={model}", f"bits={bits}", f"method={method}"])
+                _check(cfg, model, bits, method)
+    finally:
+        GlobalHydra.instance().clear()
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_method_module_registers_it(method: str) -> None:
+    """`method.module` imports and registers `method.name` (what the pipeline looks up)."""
+    from common.methods import get_method
+
+    node = OmegaConf.load(CONF_DIR / "method" / f"{method}.yaml")
+    cls = get_method(node.name, node.get("module"))
+    assert cls.name == method
+
+
+def test_bits_overrides_and_interpolation() -> None:
+    cfg = compose_cfg(["bits=w4a4", "bits.a_bit=6"])
+    assert (cfg.bits.w_bit, cfg.bits.a_bit, cfg.bits.head_a_bit, cfg.bits.head_w_bit) == (4, 6, 6, 4)
+    cfg = compose_cfg(["bits=w3a4", "bits.head_a_bit=8", "bits.w_bit=32"])
+    assert (cfg.bits.w_bit, cfg.bits.a_bit, cfg.bits.head_a_bit, cfg.bits.head_w_bit) == (32, 4, 8, 32)
+    validate(cfg)  # 32 = keep FP is allowed
+
+
+@pytest.mark.parametrize("model", ["demo", "deit_t", "swin_b"])
+def test_dataset_auto(model: str) -> None:
+    cfg = compose_cfg([f"model={model}"])
+    resolve_dataset(cfg)
+    expected = "digits" if model == "demo" else "imagenet_sample"
+    assert cfg.dataset.name == expected
+    for key, value in DATASETS[expected].items():
+        assert cfg.dataset[key] == value, key
+    resolve_dataset(cfg)  # idempotent
+    assert cfg.dataset.name == expected
+
+
+def test_dataset_auto_keeps_user_keys_and_explicit_choice() -> None:
+    cfg = compose_cfg(["model=deit_t", "+dataset.n_eval=7", "+dataset.eval_batch_size=5"])
+    resolve_dataset(cfg)
+    assert (cfg.dataset.name, cfg.dataset.n_eval, cfg.dataset.eval_batch_size) == ("imagenet_sample", 7, 5)
+    assert cfg.dataset.calib_pool == 256 and cfg.dataset.n_calib == 32  # the rest from imagenet_sample.yaml
+    cfg = compose_cfg(["model=demo", "dataset=imagenet_sample", "dataset.n_eval=3"])
+    resolve_dataset(cfg)
+    assert (cfg.dataset.name, cfg.dataset.n_eval) == ("imagenet_sample", 3)  # an explicit choice wins
+
+
+def test_group_choice_check() -> None:
+    for group in GROUPS:
+        for p in (CONF_DIR / group).glob("*.yaml"):
+            check_group_choice(group, p.stem)  # every shipped option passes
+    check_group_choice("experiment", "null")
+    with pytest.raises(UserError, match=r"unknown bits 'w9a9'; available: .*w4a4.*bits=NAME"):
+        check_group_choice("bits", "w9a9")
