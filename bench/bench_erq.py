@@ -8,6 +8,8 @@ Models have random weights (`model.pretrained=false`) and the calibration images
 disk). Peak memory is the process's resident set size, sampled every 5 ms by a background thread and
 attributed to the stage that was running; "peak" is the maximum over the whole quantization, and
 "+peak" is that minus the resident size before quantization started (model and images loaded).
+CPU seconds (process user + system time) are printed beside wall time: on a shared machine they are
+the steadier figure (with one thread, CPU time ≈ the wall time the run takes on an idle core).
 Disk writes are read from /proc/self/io (`write_bytes`) around the quantization.
 """
 from __future__ import annotations
@@ -107,14 +109,18 @@ def bench(model_name: str, method: str, bits: str, n_calib: int, overrides: list
         sampler = MemorySampler()
         timed = ctx.timed
 
+        cpu: dict[str, float] = {}
+
         @contextlib.contextmanager
         def tracked(stage):
             sampler.stack.append(stage)
             sampler.sample()
+            c0 = time.process_time()
             try:
                 with timed(stage):
                     yield
             finally:
+                cpu[stage] = cpu.get(stage, 0.0) + time.process_time() - c0
                 sampler.sample()
                 sampler.stack.remove(stage)
 
@@ -131,7 +137,8 @@ def bench(model_name: str, method: str, bits: str, n_calib: int, overrides: list
         w1 = disk_written()
     return {"model": model_name, "method": method, "bits": bits, "n_calib": n_calib,
             "threads": torch.get_num_threads(), "total_s": round(total, 2),
-            "stages_s": {k: v for k, v in ctx.timings.items() if k != "total"},
+            "cpu_s": round(cpu["total"], 2), "stages_s": {k: v for k, v in ctx.timings.items() if k != "total"},
+            "stages_cpu_s": {k: round(v, 2) for k, v in cpu.items() if k != "total"},
             "rss_before_gib": round(base / GiB, 3), "peak_rss_gib": round(sampler.overall / GiB, 3),
             "stage_peak_rss_gib": {k: round(v / GiB, 3) for k, v in sampler.peak.items()},
             "disk_written_mib": None if w0 is None else round((w1 - w0) / 2 ** 20, 2)}
@@ -163,9 +170,11 @@ def main() -> None:
               f"total {r['total_s']:.1f} s, peak RSS {r['peak_rss_gib']:.2f} GiB "
               f"(+{r['peak_rss_gib'] - r['rss_before_gib']:.2f} over {r['rss_before_gib']:.2f} before), "
               f"disk written {r['disk_written_mib']} MiB")
-        print(f"  {'stage':18s} {'wall s':>8s} {'peak GiB':>9s}")
+        print(f"  {'stage':18s} {'wall s':>8s} {'cpu s':>8s} {'peak GiB':>9s}")
         for stage, sec in r["stages_s"].items():
-            print(f"  {stage:18s} {sec:8.2f} {r['stage_peak_rss_gib'].get(stage, float('nan')):9.2f}")
+            print(f"  {stage:18s} {sec:8.2f} {r['stages_cpu_s'].get(stage, float('nan')):8.2f} "
+                  f"{r['stage_peak_rss_gib'].get(stage, float('nan')):9.2f}")
+        print(f"  {'total':18s} {r['total_s']:8.2f} {r['cpu_s']:8.2f} {r['peak_rss_gib']:9.2f}")
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
 

@@ -119,7 +119,7 @@ def _mean_sq_error(x: torch.Tensor, err_fn) -> torch.Tensor:
         step = max(1, _CHUNK // max(n, 1))
         for i in range(0, G, step):
             e = err_fn(x[i:i + step], slice(i, i + step))
-            total[i:i + step] = e.mul_(e).sum(1, dtype=torch.float64)
+            total[i:i + step] = e.mul_(e).sum(1).double()
     else:
         for j in range(0, n, _CHUNK):
             e = err_fn(x[:, j:j + _CHUNK], slice(0, 1)).reshape(-1)
@@ -169,8 +169,9 @@ def search_uniform_percentile(x: torch.Tensor, bits: int, probs: Sequence[float]
     Returns float32 tensors of shape (G,).
     """
     x = x.float()
-    q_hi = group_quantiles(x, probs)
-    q_lo = group_quantiles(x, [1.0 - p for p in probs])
+    k = len(probs)
+    q = group_quantiles(x, list(probs) + [1.0 - p for p in probs])  # one sort / tail pass for both ends
+    q_hi, q_lo = q[:, :k], q[:, k:]
     levels = 2 ** bits - 1
     scale = ((q_hi - q_lo) / levels).clamp_min(min_scale)  # (G, P)
     zp = torch.round(-q_lo / scale)

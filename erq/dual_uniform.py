@@ -27,20 +27,17 @@ from common.quant.quantizers import Quantizer
 __all__ = ["DualUniformQuantizer", "outlier_columns", "row_percentile_of_sign"]
 
 
-def row_percentile_of_sign(w: torch.Tensor, q: float, positive: bool) -> torch.Tensor:
+def row_percentile_of_sign(w: torch.Tensor, q: float, positive: bool,
+                           sorted_rows: torch.Tensor | None = None) -> torch.Tensor:
     """Per row: numpy.percentile(row[row > 0] (or row[row < 0]), 100 q), float64; NaN if none.
 
-    numpy's 'linear' method: virtual index n·q + (1 − q) − 1, lerp between its neighbours.
+    numpy's 'linear' method: virtual index n·q + (1 − q) − 1, lerp between its neighbours. In a sorted
+    row the negatives come first and the positives last, so one sort (`sorted_rows`) serves both signs.
     """
     w64 = w.double()
     n = w64.shape[1]
-    if positive:
-        mask = w64 > 0
-        vals = torch.sort(torch.where(mask, w64, torch.full_like(w64, float("-inf"))), dim=1).values
-    else:
-        mask = w64 < 0
-        vals = torch.sort(torch.where(mask, w64, torch.full_like(w64, float("inf"))), dim=1).values
-    cnt = mask.sum(1)
+    vals = torch.sort(w64, dim=1).values if sorted_rows is None else sorted_rows
+    cnt = (w64 > 0).sum(1) if positive else (w64 < 0).sum(1)
     vi = cnt.double() * q + (1.0 - q) - 1.0
     below = vi.floor().clamp(min=0)
     gamma = (vi - below)[:, None]
@@ -61,9 +58,10 @@ def outlier_columns(w: torch.Tensor, k: int, percentile: float = 99.0) -> torch.
     so fewer than K may come back.
     """
     q = percentile / 100.0
-    pos = row_percentile_of_sign(w, q, positive=True)
-    neg = row_percentile_of_sign(w, 1.0 - q, positive=False)
     w64 = w.double()
+    srt = torch.sort(w64, dim=1).values
+    pos = row_percentile_of_sign(w64, q, positive=True, sorted_rows=srt)
+    neg = row_percentile_of_sign(w64, 1.0 - q, positive=False, sorted_rows=srt)
     flags = (w64 > pos[:, None]) | (w64 < neg[:, None])  # NaN thresholds flag nothing
     count = flags.sum(0)
     rows, cols = flags.shape

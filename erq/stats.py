@@ -60,7 +60,10 @@ class LayerStats:
                  device: torch.device | str = "cpu"):
         self.features = features
         self.dtype = dtype
-        self.gram = torch.zeros(features + 1, features + 1, dtype=torch.float64, device=device)
+        self._gram = torch.zeros(features + 1, features + 1, dtype=torch.float64, device=device)
+        self._mirrored = True
+        nb = max(1, min(4, features // 256))  # Gram column blocks: only the upper block pairs are multiplied
+        self._blocks = [(i * features // nb, (i + 1) * features // nb) for i in range(nb)]
         self.weight = None if weight is None else weight.detach().reshape(weight.shape[0], -1)
         self._via_cross = self.weight is not None and features < 2 * self.weight.shape[0]
         self._acc = None
@@ -69,9 +72,19 @@ class LayerStats:
             self._acc = torch.zeros(features + 1, cols, dtype=torch.float64, device=device)
 
     @property
+    def gram(self) -> torch.Tensor:
+        """G = ÃᵀÃ, (d+1) × (d+1) float64, the ones column last."""
+        if not self._mirrored:
+            for i, (a0, a1) in enumerate(self._blocks):
+                for b0, b1 in self._blocks[i + 1:]:
+                    self._gram[b0:b1, a0:a1] = self._gram[a0:a1, b0:b1].T
+            self._mirrored = True
+        return self._gram
+
+    @property
     def rows(self) -> int:
         """N, the number of input rows seen."""
-        return int(round(float(self.gram[-1, -1])))
+        return int(round(float(self._gram[-1, -1])))
 
     @property
     def has_rhs(self) -> bool:
@@ -89,10 +102,14 @@ class LayerStats:
         d = self.features
         xq_c = xq.to(self.dtype)
         colsum = xq.sum(0, dtype=torch.float64)
-        self.gram[:d, :d] += xq_c.T @ xq_c
-        self.gram[:d, d] += colsum
-        self.gram[d, :d] += colsum
-        self.gram[d, d] += xq.shape[0]
+        g = self._gram
+        for i, (a0, a1) in enumerate(self._blocks):  # symmetric: upper block pairs only
+            for b0, b1 in self._blocks[i:]:
+                g[a0:a1, b0:b1] += xq_c[:, a0:a1].T @ xq_c[:, b0:b1]
+        self._mirrored = len(self._blocks) == 1
+        g[:d, d] += colsum
+        g[d, :d] += colsum
+        g[d, d] += xq.shape[0]
         if self._acc is not None:
             diff = (x - xq).to(self.dtype)
             if not self._via_cross:  # residual of the layer output, (rows, d_out)

@@ -51,9 +51,9 @@ def _one_thread():
 
 # --------------------------------------------------------------------------- statistics / solves
 
-@pytest.mark.parametrize("d_out", [5, 40])  # ÃᵀR via (X − X̃)Wᵀ per batch, or via Ãᵀ(X − X̃) then Wᵀ
-def test_streamed_stats_equal_one_shot_gram(d_out):
-    x, xq, _, _ = _layer_data(d_out=d_out)
+@pytest.mark.parametrize("d_in,d_out", [(24, 5), (24, 40), (600, 7)])  # ÃᵀR via (X − X̃)Wᵀ or Ãᵀ(X − X̃)Wᵀ;
+def test_streamed_stats_equal_one_shot_gram(d_in, d_out):                # d_in = 600: Gram in column blocks
+    x, xq, _, _ = _layer_data(d_in=d_in, d_out=d_out)
     w = torch.randn(d_out, x.shape[1])
     st = _stats(x, xq, weight=w, batches=7)
     a = torch.cat([xq, torch.ones(len(xq), 1)], 1).double()
