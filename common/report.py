@@ -13,7 +13,7 @@ Collects every `results.json` under the given dirs (with the `metrics.jsonl` nex
 Rows are found, never listed: a row is a method name (`results.json:method`), plus `[key=value,...]` for
 overrides that change the method (hyper-parameter sweeps such as `method.coe=...`), plus `method:extra` rows
 for extra accuracies a method logs as `<extra>_top1` in a `metrics.jsonl` record (e.g. APHQ's
-`mlp_recon_top1` -> row `aphq:mlp_recon`). Runs that differ only by seed are averaged (mean ± std).
+`mr_fp_top1` -> row `aphq:mr_fp`). Runs that differ only by seed are averaged (mean ± std).
 Every run's `fp_top1` feeds the FP row; `method=fp` runs appear only there.
 """
 from __future__ import annotations
@@ -49,7 +49,7 @@ class Run:
 
     path: Path
     results: dict[str, Any]
-    extras: dict[str, float] = field(default_factory=dict)   # e.g. {"mlp_recon": 79.4}
+    extras: dict[str, float] = field(default_factory=dict)   # e.g. {"mr_fp": 79.4}
     curves: dict[str, list[tuple[int, dict[str, float]]]] = field(default_factory=dict)
 
     @property

@@ -91,7 +91,11 @@ def plot_curves(runs: list["Run"], folder: Path, max_units_in_legend: int = 24) 
                 for key, v in vals.items():
                     panels.setdefault((stage, key), {}).setdefault(unit, []).append((step, v))
         keys = sorted(panels)
-        fig, axes = plt.subplots(1, len(keys), figsize=(6.2 * len(keys), 4.2), squeeze=False)
+        ncol = min(2, len(keys))
+        nrow = math.ceil(len(keys) / ncol)
+        fig, axes = plt.subplots(nrow, ncol, figsize=(6.4 * ncol, 4.2 * nrow), squeeze=False)
+        for ax in list(axes.flat)[len(keys):]:
+            ax.axis("off")
         for ax, (stage, key) in zip(axes.flat, keys):
             units = panels[(stage, key)]
             cmap = plt.get_cmap("viridis", max(len(units), 2))

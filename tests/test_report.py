@@ -28,7 +28,7 @@ def _run(root: Path, name: str, model: str, method: str, bits: str, top1: float,
     (d / "results.json").write_text(json.dumps(res))
     lines = [{"event": "start", "attempt": 0}]
     if mr is not None:
-        lines.append({"stage": "aphq_mlp_recon", "mlp_recon_top1": mr})
+        lines.append({"event": "aphq_mlp_recon_summary", "mr_fp_top1": mr})
     if curves:
         lines += [{"curve": f"recon/blocks.{u}", "step": s, "loss": (u + 1) * math.exp(-s / 50)}
                   for u in range(3) for s in range(0, 100, 10)]
@@ -59,7 +59,7 @@ def test_table_layout_and_published(sweep: Path) -> None:
     assert aphq.published == 76.40 and aphq.diff == pytest.approx(0.10)  # aphq spec §9
     assert t.sections["w4a4"]["erq"]["vit_b"].published == 78.65  # erq spec §11.1
     assert t.sections["w4a4"]["erq[coe=1000]"]["deit_s"].published is None  # a variant is not the paper's config
-    mr = t.sections["w3a3"]["aphq:mlp_recon"]["deit_s"]
+    mr = t.sections["w3a3"]["aphq:mr_fp"]["deit_s"]
     assert mr.mean == 79.0 and mr.published == 79.38  # MLP Recon. column, bits-independent
     fp = t.sections["fp"]["fp"]
     assert fp["deit_s"].published == 79.85 and fp["demo"].mean == pytest.approx(79.85) and fp["demo"].published is None

@@ -1,5 +1,6 @@
-"""Every ready-made sweep in sweeps/ composes, job by job, exactly as `python run.py -m -cd sweeps -cn NAME`
-would expand it (Hydra's own override parser and BasicSweeper), has the documented size, writes under
+"""Every ready-made sweep in sweeps/ expands as `python run.py -m -cd sweeps -cn NAME` would (Hydra's own
+override parser and BasicSweeper), its jobs compose (every swept value, and every job with its own tuned
+config, is composed with the real config tree and checked applied), it has the documented size, writes under
 outputs/sweeps/<name>/ and is documented in docs/cluster.md. A sweep over a method whose config has not landed
 yet is skipped with the missing config named."""
 from __future__ import annotations
@@ -28,9 +29,9 @@ def _jobs(params: dict) -> list[list[str]]:
 
 
 def _compose(name: str, overrides: list[str]):
-    with initialize_config_dir(config_dir=str(SWEEPS), version_base="1.3"):
-        return compose(config_name=name, overrides=[f"hydra.searchpath=[file://{CONF_DIR}]", *overrides],
-                       return_hydra_config=True)
+    """Compose sweeps/<name>.yaml (which extends conf/config.yaml) with `overrides`; needs an initialized Hydra."""
+    return compose(config_name=name, overrides=[f"hydra.searchpath=[file://{CONF_DIR}]", *overrides],
+                   return_hydra_config=True)
 
 
 def test_every_sweep_is_listed() -> None:
@@ -40,6 +41,11 @@ def test_every_sweep_is_listed() -> None:
 @pytest.mark.parametrize("name", sorted(EXPECTED_JOBS))
 def test_sweep_composes(name: str) -> None:
     register_resolvers()
+    with initialize_config_dir(config_dir=str(SWEEPS), version_base="1.3"):
+        _check_sweep(name)
+
+
+def _check_sweep(name: str) -> None:
     base = _compose(name, [])
     params = OmegaConf.to_container(base.hydra.sweeper.params)
     jobs = _jobs(params)
@@ -51,7 +57,7 @@ def test_sweep_composes(name: str) -> None:
     if missing:
         pytest.skip(f"{name}: {', '.join(missing)} not in the project yet")
     seen = set()
-    for job in jobs:
+    for job in _covering(jobs):
         try:
             cfg = _compose(name, job)
         except HydraException as exc:  # e.g. a hyper-parameter key the method config does not have
@@ -60,10 +66,22 @@ def test_sweep_composes(name: str) -> None:
             key, value = ov.split("=", 1)
             node = OmegaConf.select(cfg, key if "." in key else f"{key}.name")
             assert str(node) == value, f"{ov} not applied"
-        seen.add(tuple(sorted(job)))
         subdir = OmegaConf.to_container(cfg.hydra.sweep, resolve=False)["subdir"]
         assert subdir.startswith("${hydra.job.num}_")  # unique per job
-    assert len(seen) == len(jobs)
+    assert len({tuple(sorted(job)) for job in jobs}) == len(jobs)
+
+
+def _covering(jobs: list[list[str]]) -> list[list[str]]:
+    """Jobs to compose: every value of every swept key at least once, and every job that picks up its own
+    `conf/tuned/<method>_<model>_<bits>.yaml` (the only way two jobs compose differently beyond their keys)."""
+    picked, seen = [], set()
+    for job in jobs:
+        d = dict(ov.split("=", 1) for ov in job)
+        tuned = CONF_DIR / "tuned" / f"{d.get('method', '')}_{d.get('model', '')}_{d.get('bits', '')}.yaml"
+        if not set(job) <= seen or tuned.is_file():
+            picked.append(job)
+            seen |= set(job)
+    return picked
 
 
 def test_sweeps_documented() -> None:
