@@ -1,0 +1,475 @@
+"""APHQ-ViT calibration (aphq spec §2.2–§2.5): scale / zero-point search for every quantizer.
+
+Every module is calibrated on FP activations of the (MLP-reconstructed, reparameterized) model, as
+in the reference, but instead of one whole-model forward per module the model is walked unit by
+unit (`common.calibration.iter_unit_inputs`) and one unit forward captures the inputs and outputs of
+all its quant layers (`capture_io`). Per module:
+
+* Linear (qkv, proj, fc1, fc2, head, Swin reduction): per-row weight and per-tensor input candidates
+  on the fixed 128-point zp × range grids; self-MSE initialisation; then `search_rounds` rounds of
+  "weight search on the layer output with the input quantized" / "input search on the output with
+  the weights quantized" (`calib_metric` mse or mae). For qkv / fc1 / reduction the input is first
+  searched per channel (self-MSE), folded into the preceding LayerNorm (RepQ-ViT reparameterization
+  with a rounded mean zero-point, `common.reparam`), and the full per-tensor search is run on the
+  transformed input and the new weight (spec §2.5). The reference does this only when a_bit == w_bit
+  (`reparam_requires_equal_bits`, default on to be faithful).
+* Attention matmuls, per head: 129 linear (upper, lower) range candidates between the 0.99/0.99999
+  and 0.01/0.00001 quantiles; start at index 127, joint search of A then B, then `search_rounds`
+  rounds of coordinate refinement (fix u search l, fix l search u; A then B).
+* Patch-embed conv: per-row percentile pairs pct_i = 0.99 + 0.0099·(i/127)^0.5 searched on the conv
+  output, then one refinement round; the image input stays FP (APHQ leaves inputs of ≥ 8 bits FP).
+* Token-wise option (the 2-bit config): 3-D linear inputs get a (1, N, 1) scale, matmul operands
+  (1, H, N, 1) / (1, H, 1, N|d) scales, initialised from the searched per-tensor / per-head value.
+
+Exactness: the candidate grids, quantiles (chunk-averaged like the reference unless
+`chunk_average_quantile=false`), selection rules and tie-breaking (first candidate) are the
+reference's. The speed-ups only change the summation order: Gram forms of the output errors, branch
+and bound over sample chunks (`aphq.search.pruned_argmin`), and memoisation of searches whose inputs
+did not change (a search that sees the same quantizer state returns the same answer).
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from common.calibration import batched, capture_io, iter_unit_inputs
+from common.quant import QuantConv2d, QuantLinear, QuantMatMul, UniformQuantizer, quant_state
+from common.quant.granularity import PerTensor
+from common.quant.primitives import fake_quant_affine
+from common.quant.wrap import quant_layers
+from common.reparam import reparameterize_layernorm
+from common.units import model_units
+
+from .search import (GridCandidates, LeftOperandSearch, activation_grid, conv_percentiles, matmul_bounds,
+                     pair_qparams, pruned_argmin, sample_chunks, self_errors, weight_grid, weight_output_errors)
+
+__all__ = ["CalibConfig", "calibrate_model", "calibrate_linear", "calibrate_matmul", "calibrate_conv",
+           "expand_token_wise", "reparam_active", "LN_SITES"]
+
+log = logging.getLogger(__name__)
+
+#: Linear sites whose input is a LayerNorm output folded by the reparameterization.
+LN_SITES = ("qkv", "fc1", "reduction")
+
+
+@dataclass
+class CalibConfig:
+    """Calibration settings (the `method.calib` config node).
+
+    Attributes:
+        n_images: calibration images (reference 128).
+        batch_size: forward batch while capturing activations (32).
+        metric: output-similarity metric of the searches, "mse" or "mae" (`calib_metric`).
+        eq_n: candidates per grid (128).
+        search_rounds: alternating / coordinate search rounds (3).
+        token_wise: per-token input and matmul scales (the reference's 2-bit config).
+        reparam: LayerNorm reparameterization of qkv / fc1 / reduction inputs.
+        reparam_requires_equal_bits: reference quirk, reparam only when a_bit == w_bit.
+        chunk_average_quantile: reference quirk, average the quantiles of 2^24-element chunks.
+        prune: branch-and-bound over sample chunks (exact; off = exhaustive evaluation).
+        memo: reuse results of searches whose quantizer state did not change (exact).
+    """
+
+    n_images: int = 128
+    batch_size: int = 32
+    metric: str = "mse"
+    eq_n: int = 128
+    search_rounds: int = 3
+    token_wise: bool = False
+    reparam: bool = True
+    reparam_requires_equal_bits: bool = True
+    chunk_average_quantile: bool = True
+    prune: bool = True
+    memo: bool = True
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_node(cls, node: Any) -> "CalibConfig":
+        """Build from a config mapping, ignoring keys that are not calibration settings."""
+        known = {f for f in cls.__dataclass_fields__ if f != "extra"}
+        d = dict(node or {})
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+def reparam_active(cfg: CalibConfig, w_bit: int, a_bit: int) -> bool:
+    """Whether qkv / fc1 / reduction inputs are reparameterized (reference: only if a_bit == w_bit)."""
+    return bool(cfg.reparam) and (not cfg.reparam_requires_equal_bits or int(w_bit) == int(a_bit))
+
+
+def _uniform(q: nn.Module) -> UniformQuantizer | None:
+    return q if isinstance(q, UniformQuantizer) and q.bits < 32 else None
+
+
+def _argmin(grid_len: int, groups: int, n: int, prune: bool,
+            evaluate: Callable[[torch.Tensor, int, int], torch.Tensor], per_sample: int = 1) -> torch.Tensor:
+    """Exact argmin per group; branch and bound over sample chunks when `prune` (see `pruned_argmin`)."""
+    chunks = sample_chunks(n, per_sample) if prune else [(0, n)]
+    return pruned_argmin(grid_len, groups, chunks, evaluate)
+
+
+# --------------------------------------------------------------------------- self (tensor-only) searches
+
+
+def _self_search(data: torch.Tensor, grid: GridCandidates, bits: int, prune: bool) -> torch.Tensor:
+    """Best grid candidate per group by the tensor's own MSE. data: (S, G, n)."""
+    return _argmin(len(grid), data.shape[1], data.shape[0], prune,
+                   lambda idx, lo, hi: self_errors(data[lo:hi], *grid.params(idx), bits), data[0].numel())
+
+
+def _per_channel_view(x: torch.Tensor) -> torch.Tensor:
+    """(S, ..., C) → (S, C, tokens) contiguous."""
+    return x.reshape(x.shape[0], -1, x.shape[-1]).transpose(1, 2).contiguous()
+
+
+# --------------------------------------------------------------------------- linear
+
+
+def _token_view(x: torch.Tensor) -> torch.Tensor:
+    """(S, ..., C) → (S, 1, tokens, C): one group, samples on dim 0."""
+    return x.reshape(x.shape[0], 1, -1, x.shape[-1])
+
+
+@torch.no_grad()
+def calibrate_linear(layer: QuantLinear, x: torch.Tensor, y: torch.Tensor, cfg: CalibConfig,
+                     norm: nn.LayerNorm | None = None) -> dict[str, Any]:
+    """Calibrate one QuantLinear on its FP input x (S, ..., in) and output y (S, ..., out), in place.
+
+    With `norm` (the LayerNorm feeding qkv / fc1 / reduction) the input is reparameterized first.
+    Returns a small record (rounds run, whether reparam happened).
+    """
+    wq, aq = _uniform(layer.weight_quantizer), _uniform(layer.input_quantizer)
+    info: dict[str, Any] = {"reparam": False}
+    x = x.float()
+    if norm is not None and aq is not None:
+        cgrid = activation_grid(x, aq.bits, cfg.eq_n, per_channel=True)
+        best_c = _self_search(_per_channel_view(x), cgrid, aq.bits, cfg.prune)
+        s_c, z_c = cgrid.select(best_c)
+        rp = reparameterize_layernorm(norm, layer, s_c, z_c, round_mean_zero_point=True)
+        x = rp.transform_input(x)
+        aq.granularity = PerTensor()
+        aq.set_qparams(rp.scale, rp.zero_point)
+        info["reparam"] = True
+    w = layer.weight.detach().float()
+    b = None if layer.bias is None else layer.bias.detach().float()
+    rows = w.shape[0]
+    x_tok = x.reshape(-1, x.shape[-1])
+    y_tok = y.reshape(-1, rows).float()
+    if wq is None and aq is None:
+        return info
+
+    wgrid = weight_grid(w, wq.bits, cfg.eq_n) if wq is not None else None
+    agrid = (activation_grid(x, aq.bits, cfg.eq_n, chunk_average=cfg.chunk_average_quantile)
+             if aq is not None else None)
+    w_best = _self_search(w[None], wgrid, wq.bits, False) if wq is not None else None
+    a_best = _self_search(x.reshape(x.shape[0], 1, -1), agrid, aq.bits, cfg.prune) if aq is not None else None
+
+    def w_hat(best):
+        if wq is None:
+            return w
+        s, z = wgrid.select(best)
+        return fake_quant_affine(w, s[:, None], z[:, None], wq.bits)
+
+    def x_hat(best):
+        if aq is None:
+            return x_tok
+        s, z = agrid.select(best)
+        return fake_quant_affine(x_tok, s, z, aq.bits)
+
+    w_memo: dict[bytes, torch.Tensor] = {}
+    a_memo: dict[bytes, torch.Tensor] = {}
+
+    def search_w(a_state):
+        key = b"" if a_state is None else a_state.cpu().numpy().tobytes()
+        if cfg.memo and key in w_memo:
+            return w_memo[key]
+        all_idx = torch.arange(len(wgrid))
+        s, z = wgrid.params(all_idx)
+        err = weight_output_errors(w, b, x_hat(a_state), y_tok, s, z, wq.bits, cfg.metric)
+        res = pruned_argmin(len(wgrid), rows, [(0, 1)], lambda idx, lo, hi: err[idx.to(err.device)])
+        w_memo[key] = res
+        return res
+
+    def search_a(w_state):
+        key = b"" if w_state is None else w_state.cpu().numpy().tobytes()
+        if cfg.memo and key in a_memo:
+            return a_memo[key]
+        right = w_hat(w_state).T[None, None]
+        target = y_tok if b is None else y_tok - b
+        search = LeftOperandSearch(_token_view(x), right, target.reshape(x.shape[0], 1, -1, rows), aq.bits,
+                                   cfg.metric)
+        res = _argmin(len(agrid), 1, x.shape[0], cfg.prune,
+                      lambda idx, lo, hi: search.errors(*agrid.params(idx), lo, hi), x[0].numel() * rows // x.shape[-1])
+        a_memo[key] = res
+        return res
+
+    rounds = 0
+    for _ in range(int(cfg.search_rounds)):
+        rounds += 1
+        prev = (w_best, a_best)
+        if wq is not None:
+            w_best = search_w(a_best)
+        if aq is not None:
+            a_best = search_a(w_best)
+        if cfg.memo and all(p is None or torch.equal(p, c) for p, c in zip(prev, (w_best, a_best))):
+            break  # fixed point: every further round would repeat the same two searches
+    if wq is not None:
+        s, z = wgrid.select(w_best)
+        wq.set_qparams(s[:, None], z[:, None])
+    if aq is not None:
+        s, z = agrid.select(a_best)
+        aq.granularity = PerTensor()
+        aq.set_qparams(s.reshape(1), z.reshape(1))
+    info["rounds"] = rounds
+    return info
+
+
+# --------------------------------------------------------------------------- conv (patch embed)
+
+
+def _patches(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    cols = F.unfold(x, conv.kernel_size, dilation=conv.dilation, padding=conv.padding, stride=conv.stride)
+    return cols.transpose(1, 2).reshape(-1, cols.shape[1])
+
+
+@torch.no_grad()
+def calibrate_conv(layer: QuantConv2d, x: torch.Tensor, y: torch.Tensor, cfg: CalibConfig) -> dict[str, Any]:
+    """Patch-embed conv: per-row percentile weight search on the conv output + one refinement round.
+
+    The input quantizer is left uncalibrated (identity) for ≥ 8 bits, as the reference leaves such
+    conv inputs in FP; below 8 bits (not a reference setting) it gets a per-tensor self-MSE search.
+    """
+    wq, aq = _uniform(layer.weight_quantizer), _uniform(layer.input_quantizer)
+    x = x.float()
+    if aq is not None and aq.bits < 8:
+        agrid = activation_grid(x, aq.bits, cfg.eq_n, chunk_average=cfg.chunk_average_quantile)
+        s, z = agrid.select(_self_search(x.reshape(x.shape[0], 1, -1), agrid, aq.bits, cfg.prune))
+        aq.set_qparams(s.reshape(1), z.reshape(1))
+    if wq is None:
+        return {}
+    w = layer.weight.detach().float().reshape(layer.weight.shape[0], -1)
+    b = None if layer.bias is None else layer.bias.detach().float()
+    inp = aq(x) if aq is not None and bool(aq.calibrated) else x
+    pts = _patches(layer, inp)
+    y_tok = y.float().permute(0, 2, 3, 1).reshape(-1, w.shape[0])
+    u, lo = conv_percentiles(w, cfg.eq_n)  # (n, rows)
+    rows = torch.arange(w.shape[0])
+
+    def best_of(uu: torch.Tensor, ll: torch.Tensor) -> torch.Tensor:
+        s, z = pair_qparams(uu, ll, wq.bits)
+        err = weight_output_errors(w, b, pts, y_tok, s, z, wq.bits, cfg.metric)
+        return pruned_argmin(err.shape[0], w.shape[0], [(0, 1)], lambda idx, _lo, _hi: err[idx])
+
+    i_best = best_of(u, lo)
+    iu, il = i_best.clone(), i_best.clone()
+    il = best_of(u[iu, rows][None].expand_as(lo), lo)
+    iu = best_of(u, lo[il, rows][None].expand_as(u))
+    s, z = pair_qparams(u[iu, rows], lo[il, rows], wq.bits)
+    wq.set_qparams(s.reshape(-1, *([1] * (layer.weight.dim() - 1))), z.reshape(-1, *([1] * (layer.weight.dim() - 1))))
+    return {"rounds": 1}
+
+
+# --------------------------------------------------------------------------- attention matmul
+
+
+class _MatMulState:
+    """Per-head (upper, lower) candidate indices of one operand and its candidate bounds."""
+
+    def __init__(self, x: torch.Tensor, q: UniformQuantizer | None, cfg: CalibConfig):
+        self.q = q
+        if q is not None:
+            self.u, self.l = matmul_bounds(x, cfg.eq_n, cfg.chunk_average_quantile)
+            h = x.shape[1]
+            self.iu = torch.full((h,), cfg.eq_n - 1, dtype=torch.long)
+            self.il = self.iu.clone()
+
+    def params(self, iu: torch.Tensor, il: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        heads = torch.arange(iu.shape[-1])
+        return pair_qparams(self.u[iu, heads], self.l[il, heads], self.q.bits)
+
+    def current(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.params(self.iu, self.il)
+
+    def quantized(self, x: torch.Tensor) -> torch.Tensor:
+        if self.q is None:
+            return x
+        s, z = self.current()
+        return fake_quant_affine(x, s.view(1, -1, 1, 1), z.view(1, -1, 1, 1), self.q.bits)
+
+    def key(self, h: int) -> tuple[int, int]:
+        return (-1, -1) if self.q is None else (int(self.iu[h]), int(self.il[h]))
+
+
+@torch.no_grad()
+def calibrate_matmul(mm: QuantMatMul, a: torch.Tensor, b: torch.Tensor, y: torch.Tensor,
+                     cfg: CalibConfig) -> dict[str, Any]:
+    """Per-head search of both operands of A @ B (A: (S, H, n, k), B: (S, H, k, m)), in place."""
+    qa, qb = _uniform(mm.a_quantizer), _uniform(mm.b_quantizer)
+    a, b, y = a.float(), b.float(), y.float()
+    sa, sb = _MatMulState(a, qa, cfg), _MatMulState(b, qb, cfg)
+    heads = a.shape[1]
+    eq_n = cfg.eq_n
+    memo: dict[tuple, int] = {}
+    counts = {"searches": 0, "head_searches": 0, "memo_hits": 0}
+
+    def run(which: str, mode: str) -> None:
+        me, other = (sa, sb) if which == "A" else (sb, sa)
+        if me.q is None:
+            return
+        keys = [(which, mode, int(me.iu[h]) if mode == "l" else -1, int(me.il[h]) if mode == "u" else -1,
+                 other.key(h)) for h in range(heads)]
+        todo = [h for h in range(heads) if not (cfg.memo and keys[h] in memo)]
+        counts["memo_hits"] += heads - len(todo)
+        if todo:
+            hs = torch.tensor(todo)
+            if which == "A":
+                left, right, target = a[:, hs], sb.quantized(b)[:, hs], y[:, hs]
+            else:
+                left, right = b[:, hs].transpose(-1, -2), sa.quantized(a)[:, hs].transpose(-1, -2)
+                target = y[:, hs].transpose(-1, -2)
+            search = LeftOperandSearch(left, right, target, me.q.bits, cfg.metric)
+            cols = torch.arange(len(todo))
+
+            def evaluate(idx: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+                n = idx.numel()
+                cand = idx[:, None].expand(n, len(todo))
+                iu = cand if mode in ("joint", "u") else me.iu[hs][None].expand(n, -1)
+                il = cand if mode in ("joint", "l") else me.il[hs][None].expand(n, -1)
+                s, z = pair_qparams(me.u[iu, hs[cols]], me.l[il, hs[cols]], me.q.bits)
+                return search.errors(s, z, lo, hi)
+
+            best = _argmin(eq_n, len(todo), a.shape[0], cfg.prune, evaluate, left[0].numel())
+            counts["searches"] += 1
+            counts["head_searches"] += len(todo)
+            for j, h in enumerate(todo):
+                memo[keys[h]] = int(best[j])
+        for h in range(heads):
+            v = memo[keys[h]]
+            if mode in ("joint", "u"):
+                me.iu[h] = v
+            if mode in ("joint", "l"):
+                me.il[h] = v
+
+    run("A", "joint")
+    run("B", "joint")
+    for _ in range(int(cfg.search_rounds)):
+        run("A", "l")
+        run("A", "u")
+        run("B", "l")
+        run("B", "u")
+    for st, q in ((sa, qa), (sb, qb)):
+        if q is not None:
+            s, z = st.current()
+            q.set_qparams(s.view(1, -1, 1, 1), z.view(1, -1, 1, 1))
+    return counts
+
+
+# --------------------------------------------------------------------------- token-wise expansion
+
+
+@torch.no_grad()
+def _expand_scale(q: UniformQuantizer, shape: tuple[int, ...]) -> None:
+    """Replace q.scale by a parameter of `shape` filled from its current value (zp unchanged)."""
+    q.scale = nn.Parameter(q.scale.detach().expand(shape).clone(), requires_grad=q.scale.requires_grad)
+
+
+def expand_token_wise(layer: nn.Module, inputs: tuple[torch.Tensor, ...]) -> bool:
+    """Token-wise scales (spec §2.4 step 6, matmul step 4); returns whether anything was expanded."""
+    if isinstance(layer, QuantLinear):
+        q = _uniform(layer.input_quantizer)
+        x = inputs[0]
+        if q is None or x.dim() != 3:
+            return False
+        _expand_scale(q, (1, x.shape[1], 1))
+        return True
+    if isinstance(layer, QuantMatMul):
+        a, b = inputs
+        done = False
+        qa, qb = _uniform(layer.a_quantizer), _uniform(layer.b_quantizer)
+        if qa is not None:
+            _expand_scale(qa, (1, a.shape[1], a.shape[2], 1))
+            done = True
+        if qb is not None:
+            _expand_scale(qb, (1, b.shape[1], 1, b.shape[3]))
+            done = True
+        return done
+    return False
+
+
+# --------------------------------------------------------------------------- model walk
+
+
+def _prev_norm(model: nn.Module, layer: QuantLinear) -> nn.LayerNorm | None:
+    """The LayerNorm whose output feeds a qkv / fc1 / reduction layer (None if not found)."""
+    qname = getattr(layer, "qname", "")
+    parts = qname.split(".")
+    if layer.site == "qkv" and len(parts) >= 3:
+        name = ".".join(parts[:-2] + ["norm1"])
+    elif layer.site == "fc1" and len(parts) >= 3:
+        name = ".".join(parts[:-2] + ["norm2"])
+    elif layer.site == "reduction":
+        name = ".".join(parts[:-1] + ["norm"])
+    else:
+        return None
+    try:
+        norm = model.get_submodule(name)
+    except AttributeError:
+        return None
+    if isinstance(norm, nn.LayerNorm) and norm.weight is not None and norm.bias is not None:
+        return norm
+    return None
+
+
+@torch.no_grad()
+def calibrate_model(model: nn.Module, images: torch.Tensor, cfg: CalibConfig, w_bit: int, a_bit: int,
+                    device: torch.device | str = "cpu", progress: bool = True) -> dict[str, Any]:
+    """Calibrate every quant layer of a wrapped timm ViT/DeiT/Swin in place (see module docstring).
+
+    Args:
+        model: wrapped by `common.quant.wrap_model` (quantizers uncalibrated), on `device`.
+        images: calibration images (n, C, H, W), FP.
+        cfg: calibration settings.
+        w_bit, a_bit: the bits config (decides the reparam-only-if-equal-bits quirk).
+    Returns:
+        {"modules": {qname: record}, "seconds": {qname: search time}, "reparam": bool}.
+    """
+    do_reparam = reparam_active(cfg, w_bit, a_bit)
+    units = model_units(model)
+    records: dict[str, Any] = {}
+    seconds: dict[str, float] = {}
+    model.eval()
+    with quant_state(model, weight=False, act=False):
+        walk = iter_unit_inputs(units, images, cfg.batch_size, device)
+        for _, unit, x in tqdm(walk, total=len(units), desc="aphq calibration", disable=not progress,
+                               mininterval=2.0):
+            layers = dict(quant_layers(unit.module))
+            if not layers:
+                continue
+            with capture_io(layers, arg=None, outputs=True) as io:
+                for xb in batched(x, cfg.batch_size):
+                    unit.module(xb)
+            for name, layer in layers.items():
+                t0 = time.perf_counter()
+                ins = tuple(torch.cat(t) for t in zip(*io[name]["inputs"]))
+                out = torch.cat(io[name]["outputs"])
+                io[name] = {"inputs": [], "outputs": []}  # free as we go
+                qname = getattr(layer, "qname", name)
+                if isinstance(layer, QuantMatMul):
+                    rec = calibrate_matmul(layer, ins[0], ins[1], out, cfg)
+                elif isinstance(layer, QuantConv2d):
+                    rec = calibrate_conv(layer, ins[0], out, cfg)
+                else:
+                    norm = _prev_norm(model, layer) if do_reparam and layer.site in LN_SITES else None
+                    rec = calibrate_linear(layer, ins[0], out, cfg, norm)
+                if cfg.token_wise and expand_token_wise(layer, ins):
+                    rec = {**rec, "token_wise": True}
+                records[qname] = rec
+                seconds[qname] = round(time.perf_counter() - t0, 3)
+                del ins, out
+    return {"modules": records, "seconds": seconds, "reparam": do_reparam}

@@ -1,0 +1,373 @@
+"""APHQ-ViT (Wu et al., CVPR 2025, arXiv 2504.02508; GoatWu/APHQ-ViT) and its BRECQ / QDrop baselines.
+
+One class, three cached stages (the reference's three checkpoints, aphq spec §1.2):
+
+1. ``aphq_mlp_recon`` (if `mlp_recon.enabled`): GELU → ReLU in every block MLP and MLP
+   reconstruction against the FP GELU model with the APH-weighted, `pct`-clamped loss
+   (`aphq.mlp_recon`); the ReLU model's FP accuracy is recorded (the paper's "MLP Recon." column).
+2. ``aphq_calibrate``: wrapping (uniform asymmetric quantizers everywhere, per-head matmuls, FP image
+   input) and APHQ's calibration search with LayerNorm reparameterization (`aphq.calibrate`).
+3. ``aphq_reconstruct`` (if `recon.enabled`): block reconstruction of every unit with AdaRound,
+   learned activation scales, QDrop and the Average Perturbation Hessian loss
+   (`common.block_recon`, `aphq.aph`); a checkpoint is written after every unit so a killed run
+   resumes mid-way.
+
+Each stage is keyed on exactly the config it depends on plus the upstream stage's signature, so a
+run whose stages match saved results loads them (`stages/events.jsonl` says "loaded"), and
+`stages.load.<stage>=PATH` points a run at a file explicitly (the reference's
+`--load-{reconstruct,calibrate,optimize}-checkpoint`). When a later stage is available, the earlier
+ones are not even loaded.
+
+The teacher of stages 1 and 3 is the original FP GELU model (a deepcopy taken before any change).
+Data: three draws of the calibration order (MR, calibration, reconstruction), each with timm's
+training transform and its own augmentation draw (spec §6); the 128-image calibration set is the
+prefix of the 1024-image sets.
+
+Baselines are configs of the same class (conf/method/): `brecq` (FP block inputs, MSE), `brecq_qinp`
+(quantized inputs), `qdrop` (QDrop, MSE), `aphq_no_avg` (per-sample PH), `aphq_brecq_hessian`
+(BRECQ's Fisher), `aphq_no_mr` (APH without MR).
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import OmegaConf
+from torch import nn
+
+from common.block_recon import block_recon_config, reconstruct_model
+from common.evaluate import predict, topk_accuracy
+from common.methods import PTQMethod, register_method, scheme_from_bits
+from common.quant.granularity import PerTensor
+from common.quant.modules import QuantLinear
+from common.quant.quantizers import UniformQuantizer
+from common.quant.wrap import wrap_model
+from common.stages import signature
+from common.units import model_units
+
+from .aph import average_perturbation_hessian, brecq_fisher_weights, fp_logits
+from .calibrate import LN_SITES, CalibConfig, calibrate_model, reparam_active
+from .mlp_recon import mlp_recon_config, reconstruct_mlps, relu_swap
+
+__all__ = ["APHQ", "QDrop", "BRECQ", "BRECQQuantInput", "APHQNoAverage", "APHQBrecqHessian", "APHQNoMR", "STAGES"]
+log = logging.getLogger(__name__)
+
+#: Stage names, in pipeline order.
+STAGES = ("aphq_mlp_recon", "aphq_calibrate", "aphq_reconstruct")
+
+
+class _StageMissing(RuntimeError):
+    """Raised by the compute function of a stage that was expected on disk."""
+
+
+def _missing() -> dict:
+    raise _StageMissing()
+
+
+def _plain(node: Any) -> Any:
+    return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else copy.deepcopy(node)
+
+
+def _engine_cfg(node: Any, drop: tuple[str, ...] = ("evaluate", "resume")) -> dict:
+    """A stage config node as a plain dict without this module's own keys (the engines warn on them)."""
+    d = _plain(node)
+    for k in drop:
+        d.pop(k, None)
+    return d
+
+
+def _cpu_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+
+
+@torch.no_grad()
+def load_quant_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Load a stage's state dict into a freshly wrapped model (spec §1.2 `load_model`).
+
+    Reparameterization may have created a bias on Swin `reduction` (so a zero bias is added where the
+    state has one), token-wise scales change quantizer shapes (handled by the quantizers themselves),
+    and LayerNorm-fed inputs become per-tensor.
+    """
+    for name, m in model.named_modules():
+        if isinstance(m, QuantLinear) and m.bias is None and f"{name}.bias" in state:
+            m.bias = nn.Parameter(torch.zeros(m.out_features, device=m.weight.device, dtype=m.weight.dtype))
+    model.load_state_dict(state)
+    for m in model.modules():
+        if isinstance(m, QuantLinear) and getattr(m, "site", "") in LN_SITES:
+            q = m.input_quantizer
+            if isinstance(q, UniformQuantizer) and q.scale.numel() == 1:
+                q.granularity = PerTensor()
+
+
+@register_method("aphq")
+class APHQ(PTQMethod):
+    """APHQ-ViT and the BRECQ / QDrop family (see module docstring and conf/method/aphq.yaml)."""
+
+    # ------------------------------------------------------------------ config helpers
+
+    def n_calib(self) -> int:
+        return int(self.cfg.calib.n_images)
+
+    def _n(self, data, section: str) -> int:
+        """Images a stage draws, capped (with a warning) at what the dataset holds."""
+        want = int(self.cfg[section].n_images)
+        have = int(getattr(data, "n_calib_available", want))
+        if want > have:
+            log.warning("aphq: %s.n_images=%d but the dataset's calibration source has %d images; using %d",
+                        section, want, have, have)
+            self.ctx.tracker.log({"event": "aphq_n_images_capped", "section": section, "requested": want,
+                                  "used": have})
+            return have
+        return want
+
+    def _images(self, data, section: str) -> torch.Tensor:
+        node = self.cfg[section]
+        images, _ = data.calibration(self._n(data, section), augment=bool(node.get("augment", True)),
+                                     draw=int(node.get("draw", 0)))
+        return images
+
+    def _scheme(self):
+        calib = CalibConfig.from_node(_plain(self.cfg.calib))
+        bits = self.bits
+        reparam = reparam_active(calib, int(bits.w_bit), int(bits.a_bit))
+        return scheme_from_bits(bits, matmul_granularity="head", act_granularity="tensor",
+                                ln_act_granularity="channel" if reparam else "tensor", ln_sites=LN_SITES,
+                                round_zero_point=True, symmetric_weights=False, softmax_quantizer="uniform")
+
+    def _keys(self) -> dict[str, dict]:
+        """What each stage depends on (besides the run's model / data / seed and the upstream stage).
+
+        Switches that cannot change a result (logging, evaluation, exact speed-ups, resume) are left
+        out, so flipping them reuses saved stages."""
+        bits = _plain(self.bits)
+        mr = _plain(self.cfg.mlp_recon)
+        calib = _plain(self.cfg.calib)
+        recon = _plain(self.cfg.recon)
+        for node in (mr, calib, recon):
+            for k in ("log_every", "evaluate", "prune", "memo", "resume", "eval_stats"):
+                node.pop(k, None)
+        return {"aphq_mlp_recon": {"mlp_recon": mr},
+                "aphq_calibrate": {"calib": calib, "bits": bits},
+                "aphq_reconstruct": {"recon": recon, "bits": bits}}
+
+    # ------------------------------------------------------------------ stage plumbing
+
+    def _expected_sig(self, name: str, key: dict) -> tuple[str, dict | None]:
+        """Signature of a stage (the file's own for an explicit `stages.load.<name>`), and the loaded
+        explicit result if any (so it is not read twice)."""
+        stages = self.ctx.stages
+        if name in stages.explicit:
+            path = Path(stages.explicit[name]).expanduser()
+            if path.is_file():
+                res = torch.load(path, map_location="cpu", weights_only=False)
+                return res.get("_sig", signature({"stage": name, "key": {"base": self.ctx.base_key, "key": key}})), res
+        return signature({"stage": name, "key": {"base": self.ctx.base_key, "key": key}}), None
+
+    def _available(self, name: str, sig: str) -> bool:
+        stages = self.ctx.stages
+        if name in stages.explicit:
+            return True
+        if not stages.reuse:
+            return False
+        return any(folder is not None and (Path(folder) / f"{name}-{sig}.pt").is_file()
+                   for folder in (stages.dir, stages.shared))
+
+    # ------------------------------------------------------------------ main entry
+
+    def quantize(self, model: nn.Module, data) -> nn.Module:
+        cfg, ctx = self.cfg, self.ctx
+        device = ctx.device
+        fp_model = copy.deepcopy(model).eval()  # the GELU teacher, before any change
+        keys = self._keys()
+        mr_on = bool(cfg.mlp_recon.enabled)
+        rec_on = bool(cfg.recon.enabled)
+        chain = [n for n, on in zip(STAGES, (mr_on, True, rec_on)) if on]
+        sigs: dict[str, str] = {}
+        upstream = None
+        for name in chain:
+            key = dict(keys[name], upstream=upstream)
+            keys[name] = key
+            sigs[name], _ = self._expected_sig(name, key)
+            upstream = sigs[name]
+        last = max((i for i, n in enumerate(chain) if self._available(n, sigs[n])), default=-1)
+
+        def prepare(wrapped: bool) -> None:
+            if mr_on:
+                relu_swap(model)
+            if wrapped:
+                wrap_model(model, self._scheme())
+            model.to(device)
+
+        while last >= 0:  # resume from the latest available stage; earlier stages are not touched
+            name = chain[last]
+            try:
+                res, _ = ctx.stage(name, keys[name], _missing)
+            except _StageMissing:  # unreadable file: fall back to the stage before
+                last -= 1
+                continue
+            prepare(wrapped=name != "aphq_mlp_recon")
+            if name == "aphq_mlp_recon":
+                model.load_state_dict(res["state_dict"])
+            else:
+                load_quant_state(model, res["state_dict"])
+            self._report(name, res)
+            break
+        if last < 0:
+            model.to(device)
+        for name in chain[last + 1:]:
+            if name == "aphq_mlp_recon":
+                res, _ = ctx.stage(name, keys[name], lambda: self._mlp_recon(model, fp_model, data))
+                model.load_state_dict(res["state_dict"])
+            elif name == "aphq_calibrate":
+                res, _ = ctx.stage(name, keys[name], lambda: self._calibrate(model, data))
+                load_quant_state(model, res["state_dict"])
+            else:
+                res, _ = ctx.stage(name, keys[name],
+                                   lambda: self._reconstruct(model, fp_model, data, sigs["aphq_reconstruct"]))
+                load_quant_state(model, res["state_dict"])
+            self._report(name, res)
+        model.eval()
+        return model
+
+    def _report(self, name: str, res: dict) -> None:
+        """Log a stage's summary numbers (accuracies, timings) to the run's metrics."""
+        summary = {k: v for k, v in (res.get("summary") or {}).items() if isinstance(v, (int, float))}
+        if summary:
+            self.ctx.tracker.log({"event": f"{name}_summary", **summary})
+
+    # ------------------------------------------------------------------ stage 1: MLP reconstruction
+
+    def _evaluate(self, model: nn.Module, data, desc: str) -> dict[str, float]:
+        if not hasattr(data, "eval_loader"):
+            return {}
+        logits, labels = predict(model, data.eval_loader(), self.ctx.device, desc)
+        return {"top1": topk_accuracy(logits, labels, 1), "top5": topk_accuracy(logits, labels, 5)}
+
+    def _mlp_recon(self, model: nn.Module, fp_model: nn.Module, data) -> dict:
+        cfg = self.cfg.mlp_recon
+        t0 = time.perf_counter()
+        images = self._images(data, "mlp_recon")
+        model.to(self.ctx.device)
+        gen = torch.Generator().manual_seed(int(self.ctx.cfg.seed))
+        stats = reconstruct_mlps(model, fp_model, images, mlp_recon_config(_engine_cfg(cfg)), tracker=self.ctx.tracker,
+                                 device=self.ctx.device, generator=gen)
+        summary: dict[str, Any] = {"mr_seconds": round(time.perf_counter() - t0, 3), "mr_images": images.shape[0],
+                                   "mr_aph_seconds": stats.get("aph_seconds", 0.0)}
+        if bool(cfg.get("evaluate", True)):
+            acc = self._evaluate(model, data, "MR'd FP eval")
+            summary.update({f"mr_fp_{k}": v for k, v in acc.items()})
+        return {"state_dict": _cpu_state(model), "stats": stats, "summary": summary}
+
+    # ------------------------------------------------------------------ stage 2: calibration
+
+    def _calibrate(self, model: nn.Module, data) -> dict:
+        ccfg = CalibConfig.from_node(_plain(self.cfg.calib))
+        t0 = time.perf_counter()
+        images = self._images(data, "calib")
+        wrap_model(model, self._scheme())
+        model.to(self.ctx.device)
+        rec = calibrate_model(model, images, ccfg, int(self.bits.w_bit), int(self.bits.a_bit), self.ctx.device)
+        summary: dict[str, Any] = {"calib_seconds": round(time.perf_counter() - t0, 3),
+                                   "calib_images": images.shape[0], "calib_reparam": rec["reparam"]}
+        if bool(self.cfg.calib.get("evaluate", True)):
+            acc = self._evaluate(model, data, "calibrated eval")
+            summary.update({f"calib_{k}": v for k, v in acc.items()})
+        return {"state_dict": _cpu_state(model), "records": rec, "summary": summary}
+
+    # ------------------------------------------------------------------ stage 3: block reconstruction
+
+    def _partial_paths(self, sig: str) -> list[Path]:
+        stages = self.ctx.stages
+        return [Path(folder) / f"aphq_reconstruct-{sig}.partial.pt" for folder in (stages.dir, stages.shared)
+                if folder is not None]
+
+    def _reconstruct(self, model: nn.Module, fp_model: nn.Module, data, sig: str) -> dict:
+        cfg = self.cfg.recon
+        device = self.ctx.device
+        rcfg = block_recon_config(_engine_cfg(cfg))
+        t0 = time.perf_counter()
+        images = self._images(data, "recon")
+        model.to(device)
+        fp_model.to(device)
+        units = [u.name for u in model_units(model)]
+        start, done_stats = 0, {}
+        partials = self._partial_paths(sig)
+        if bool(cfg.get("resume", True)):
+            for p in partials:
+                if p.is_file():
+                    part = torch.load(p, map_location="cpu", weights_only=False)
+                    load_quant_state(model, part["state_dict"])
+                    start, done_stats = int(part["next_unit"]), dict(part.get("units", {}))
+                    self.ctx.tracker.log({"event": "aphq_reconstruct_resumed", "next_unit": start, "path": str(p)})
+                    break
+        t_w = time.perf_counter()
+        if rcfg.metric == "hessian_perturb":
+            weights: Any = average_perturbation_hessian(
+                fp_model, images, units[start:], eps=float(cfg.eps), temp=float(cfg.temp),
+                batch_size=int(cfg.get("aph_batch_size", 32)), mean=bool(rcfg.use_mean_hessian),
+                mode=str(cfg.get("aph_mode", "faithful")), device=device)
+        elif rcfg.metric == "hessian_brecq":
+            teacher = fp_logits(fp_model, images, int(cfg.get("aph_batch_size", 32)), device)
+            weights = brecq_fisher_weights(model, teacher, temp=float(cfg.temp),
+                                           batch_size=int(cfg.get("aph_batch_size", 32)))
+        else:
+            weights = None
+        aph_seconds = time.perf_counter() - t_w
+        stats_acc = dict(done_stats)
+
+        def on_unit_done(name: str) -> None:
+            index = units.index(name)
+            part = {"state_dict": _cpu_state(model), "next_unit": index + 1, "units": stats_acc}
+            for p in partials:
+                p.parent.mkdir(parents=True, exist_ok=True)
+                tmp = p.with_suffix(".tmp")
+                torch.save(part, tmp)
+                os.replace(tmp, p)
+
+        gen = torch.Generator().manual_seed(int(self.ctx.cfg.seed))
+        res = reconstruct_model(model, fp_model, images, rcfg, weights=weights, tracker=self.ctx.tracker,
+                                device=device, generator=gen, on_unit_done=on_unit_done, start_unit=start)
+        stats_acc.update(res["units"])
+        for p in partials:
+            p.unlink(missing_ok=True)
+        per_iter = [u["sec_per_iter"] for u in res["units"].values() if u.get("iters")]
+        summary = {"recon_seconds": round(time.perf_counter() - t0, 3), "recon_images": images.shape[0],
+                   "recon_weights_seconds": round(aph_seconds, 3), "recon_resumed_at": start,
+                   "recon_sec_per_iter": (sum(per_iter) / len(per_iter)) if per_iter else 0.0}
+        return {"state_dict": _cpu_state(model), "units": stats_acc, "summary": summary}
+
+
+# Baselines and ablations: the same pipeline, different configs (conf/method/<name>.yaml).
+@register_method("qdrop")
+class QDrop(APHQ):
+    """QDrop baseline (no MR, MSE loss, QDrop p = 0.5)."""
+
+
+@register_method("brecq")
+class BRECQ(APHQ):
+    """BRECQ baseline (no MR, FP block inputs, MSE loss)."""
+
+
+@register_method("brecq_qinp")
+class BRECQQuantInput(APHQ):
+    """BRECQ with quantized block inputs."""
+
+
+@register_method("aphq_no_avg")
+class APHQNoAverage(APHQ):
+    """Ablation: per-sample perturbation Hessian (no averaging), no MR."""
+
+
+@register_method("aphq_brecq_hessian")
+class APHQBrecqHessian(APHQ):
+    """Ablation: BRECQ's Fisher instead of the APH, no MR."""
+
+
+@register_method("aphq_no_mr")
+class APHQNoMR(APHQ):
+    """APHQ without MLP reconstruction."""
