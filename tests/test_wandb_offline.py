@@ -12,6 +12,7 @@ import os
 import struct
 import subprocess
 import sys
+import time
 import zlib
 from pathlib import Path
 from typing import Any, Iterator
@@ -51,14 +52,27 @@ def _records(path: Path) -> Iterator[Any]:
         yield rec
 
 
-def read_wandb(path: Path) -> dict[str, Any]:
-    """{'run': {id, group, job_type, tags, name}, 'config': {...}, 'summary': {...}, 'history': [rows]}."""
+def read_wandb(path: Path, timeout: float = 60.0) -> dict[str, Any]:
+    """{'run': {id, group, job_type, tags, name}, 'config': {...}, 'summary': {...}, 'history': [rows]}.
+
+    wandb's service process finishes writing the file after `finish()` returns; wait for the run's `exit`
+    record (a half-written last chunk fails its crc: read again)."""
+    deadline = time.time() + timeout
+    while True:
+        try:
+            records = list(_records(path))
+            if any(r.WhichOneof("record_type") == "exit" for r in records):
+                break
+        except AssertionError:
+            pass
+        assert time.time() < deadline, f"{path} has no exit record after {timeout} s"
+        time.sleep(0.2)
     out: dict[str, Any] = {"history": [], "summary": {}, "config": {}, "run": {}}
 
     def key(item: Any) -> str:
         return item.key or "/".join(item.nested_key)
 
-    for r in _records(path):
+    for r in records:
         kind = r.WhichOneof("record_type")
         if kind == "history":
             out["history"].append({key(i): json.loads(i.value_json) for i in r.history.item})
