@@ -81,7 +81,7 @@ SlurmdParameters=config_overrides
 SlurmdTimeout=300
 InactiveLimit=0
 MinJobAge=300
-KillWait=5
+KillWait=3
 Waittime=0
 $nodeline NodeAddr=127.0.0.1 State=UNKNOWN
 PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
@@ -97,7 +97,7 @@ start() {
     install
     start_munge
     write_conf
-    slurmctld -D -i -f "$CONF" >"$BASE/log/slurmctld.out" 2>&1 &   # -i: ignore stale state
+    slurmctld -D -c -f "$CONF" >"$BASE/log/slurmctld.out" 2>&1 &   # -c: start clean, no jobs from an earlier run
     echo $! >"$BASE/slurmctld.runpid"
     slurmd -D -f "$CONF" >"$BASE/log/slurmd.out" 2>&1 &
     echo $! >"$BASE/slurmd.runpid"

@@ -46,7 +46,7 @@ def slurm() -> dict[str, str]:
         reason = "sinfo not found: no SLURM on this machine (start one with `bash .ci/slurm.sh start`)"
     else:
         p = subprocess.run(["sinfo", "-h", "-o", "%T"], env=env, capture_output=True, text=True, timeout=30)
-        if p.returncode != 0 or not {"idle", "mixed"} & set(p.stdout.split()):
+        if p.returncode != 0 or not {"idle", "mixed", "allocated"} & set(p.stdout.split()):
             reason = f"SLURM not usable (sinfo rc={p.returncode}: {(p.stdout + p.stderr).strip()[:200]})"
     if reason:
         if os.environ.get("CI"):
