@@ -2,7 +2,8 @@
 override parser and BasicSweeper), its jobs compose (every swept value, and every job with its own tuned
 config, is composed with the real config tree and checked applied), it has the documented size, writes under
 outputs/sweeps/<name>/ and is documented in docs/cluster.md. A sweep over a method whose config has not landed
-yet is skipped with the missing config named."""
+yet is skipped with the missing config named. Also: the three launcher configs compose, with `cluster.*`
+reaching hydra-submitit-launcher's parameters."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -88,3 +89,26 @@ def test_sweeps_documented() -> None:
     doc = (REPO / "docs" / "cluster.md").read_text()
     for name in EXPECTED_JOBS:
         assert f"-cn {name}" in doc, f"docs/cluster.md does not show how to run sweeps/{name}.yaml"
+
+
+@pytest.mark.parametrize("launcher,target", [
+    ("local", "hydra._internal.core_plugins.basic_launcher.BasicLauncher"),
+    ("submitit_local", "hydra_plugins.hydra_submitit_launcher.submitit_launcher.LocalLauncher"),
+    ("slurm", "hydra_plugins.vitq_launcher.slurm.SlurmLauncher"),
+])
+def test_launcher_configs(launcher: str, target: str) -> None:
+    """Each launcher composes; `cluster.*` reaches the submitit parameters; the per-cluster example applies."""
+    register_resolvers()
+    extra = ["cluster.partition=gpu", "cluster.time_min=30", "+cluster.sbatch_args.nice=10"] if launcher == "slurm" else []
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=[f"launcher={launcher}", *extra], return_hydra_config=True)
+    hl = OmegaConf.to_container(cfg.hydra.launcher, resolve=False)
+    assert hl["_target_"] == target
+    if launcher == "slurm":
+        cfg.hydra.sweep.dir = "/tmp/x"  # ${now:} needs a running Hydra app
+        hl = OmegaConf.to_container(cfg.hydra.launcher, resolve=True)
+        assert (hl["partition"], hl["timeout_min"], hl["additional_parameters"]) == ("gpu", 30, {"nice": 10})
+        assert hl["max_num_timeout"] == 3 and hl["gpus_per_node"] == 1 and hl["setup"] == []
+        example = OmegaConf.load(REPO / "conf" / "local.example" / "default.yaml")
+        merged = OmegaConf.merge(cfg, example)
+        assert OmegaConf.to_container(merged.hydra.launcher, resolve=True)["partition"] == "gpu"
