@@ -160,7 +160,7 @@ class Cell:
     def text(self) -> str:
         if self.mean is None:
             return "–" if self.published is None else f"– ({self.published:.2f})"
-        s = f"{self.mean:.2f}" + (f"±{self.std:.2f}" if self.std is not None else "")
+        s = f"{self.mean:.2f}" + (f"±{self.std:.2f}" if self.std is not None and self.std >= 0.005 else "")
         if self.published is not None:
             s += f" ({self.published:.2f}, {self.diff:+.2f})"
         return s

@@ -37,7 +37,7 @@ def plot_acc_vs_bits(table: "Table", path: Path) -> list[Path]:
     n = len(table.models)
     ncol = min(n, 3)
     nrow = math.ceil(n / ncol)
-    fig, axes = plt.subplots(nrow, ncol, figsize=(4.6 * ncol, 3.6 * nrow), squeeze=False)
+    fig, axes = plt.subplots(nrow, ncol, figsize=(max(4.6 * ncol, 6.4), 3.6 * nrow + 0.8), squeeze=False)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     x = list(range(len(bits)))
     for ax, model in zip(axes.flat, table.models):
@@ -64,7 +64,7 @@ def plot_acc_vs_bits(table: "Table", path: Path) -> list[Path]:
         ax.axis("off")
     handles, labels = axes.flat[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 5), fontsize=8, frameon=False)
-    fig.suptitle("Top-1 vs bit-width (filled: ours, hollow dashed: published)")
+    fig.suptitle("Top-1 vs bit-width (filled: ours, hollow dashed: published)", fontsize=10)
     fig.tight_layout(rect=(0, 0.08 + 0.02 * (len(labels) // 5), 1, 0.95))
     fig.savefig(path, dpi=110)
     plt.close(fig)
