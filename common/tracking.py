@@ -8,7 +8,7 @@ Record protocol (what methods call, what `python -m common.report` and the tests
   `step=` the record also carries `step` and W&B plots those keys against `<stage>/step`.
 * `tracker.log_curve("block_recon/blocks.3", step, loss=0.12)`: one point of a per-unit curve, e.g. a
   reconstruction loss against the iteration. Name curves `<stage>/<unit>`; W&B gets `<curve>/<value>`
-  plotted against `<curve>/step` ('.' in W&B names becomes '_': `blocks_3`), the report draws one line per unit.
+  plotted against `<curve>/step` ('.' becomes '_' in W&B names: `blocks_3`); the report draws a line per unit.
 * `tracker.summary(results)`: final values (nested dicts flattened, e.g. `timings/quantize`).
 * `finish()`: must run inside each job so multirun jobs never merge into one W&B run.
 
@@ -51,7 +51,7 @@ def _wb(name: str) -> str:
 # report's row labels (common.report), whatever `hydra.job.config.override_dirname.exclude_keys` says.
 INFRA_OVERRIDE = re.compile(
     r"^(launcher|logger|device|num_threads|local)$"
-    r"|^(hydra|logger|cluster|stages|precision|debug)\."
+    r"|^(hydra|logger|cluster|stages|debug)\."
     r"|^model\.(checkpoint|pretrained)$|^dataset\.(root|num_workers|eval_batch_size)$")
 
 

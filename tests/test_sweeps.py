@@ -99,7 +99,7 @@ def test_sweeps_documented() -> None:
 def test_launcher_configs(launcher: str, target: str) -> None:
     """Each launcher composes; `cluster.*` reaches the submitit parameters; the per-cluster example applies."""
     register_resolvers()
-    extra = ["cluster.partition=gpu", "cluster.time_min=30", "+cluster.sbatch_args.nice=10"] if launcher == "slurm" else []
+    extra = ["cluster.partition=gpu", "cluster.time_min=30", "+cluster.sbatch_args.nice=10"] * (launcher == "slurm")
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose(config_name="config", overrides=[f"launcher={launcher}", *extra], return_hydra_config=True)
     hl = OmegaConf.to_container(cfg.hydra.launcher, resolve=False)
