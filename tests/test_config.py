@@ -1,7 +1,9 @@
-"""Config composition: every model x bits x method composes to the documented values (golden checks).
+"""Config composition: every model x bits (x fp, ptq) and every method, tuned file and experiment composes
+to the documented values (golden checks).
 
-Groups are globbed from `conf/`, so a new method (or bits) yaml is covered as soon as it exists.
-Hydra composition costs ~0.1-0.3 s, so every combination is composed inside ONE Hydra context.
+Groups are globbed from `conf/`, so a new method, bits, tuned or experiment yaml is covered as soon as it
+exists. One Hydra composition costs ~0.13 CPU-s, so each test composes inside ONE Hydra context and
+the cross product is taken only where groups can interact.
 """
 from __future__ import annotations
 
@@ -53,7 +55,8 @@ def test_group_options_present() -> None:
 
 def test_defaults() -> None:
     cfg = compose_cfg([])
-    assert (cfg.model.name, cfg.bits.name, cfg.method.name, cfg.dataset.name) == ("demo", "w4a4", "ptq", "auto")
+    assert (cfg.model.name, cfg.bits.name, cfg.dataset.name) == ("demo", "w4a4", "auto")
+    assert cfg.method.name in METHODS
     assert cfg.seed == 0 and cfg.device == "auto" and cfg.precision.tf32 is False
     assert cfg.stages.reuse is True and cfg.logger.name == "jsonl"
     assert cfg.model.checkpoint.endswith("common/assets/vit_digits.safetensors")  # ${vitq.asset:} resolves
@@ -76,24 +79,53 @@ def _check(cfg, model: str, bits: str, method: str) -> None:
     validate(cfg)  # the cheap pre-flight checks accept every shipped combination
 
 
-def test_every_model_bits_method_composes() -> None:
-    """model x bits with fp and ptq; every method yaml with every model and with every bits option."""
+def _compose_all(combos) -> None:
+    """Compose each (model, bits, method) inside one Hydra context and check it."""
     register_resolvers()
-    combos = {(m, b, me) for m in MODELS for b in BITS for me in ("fp", "ptq")}
-    combos |= {(m, BITS[0], me) for m in MODELS for me in METHODS}
-    combos |= {("deit_s", b, me) for b in BITS for me in METHODS}
-    for tuned in (CONF_DIR / "tuned").glob("*.yaml"):  # every tuned triple that can be recognised
-        for me in METHODS:
-            for m in MODELS:
-                for b in BITS:
-                    if tuned.stem == f"{me}_{m}_{b}":
-                        combos.add((m, b, me))
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
             for model, bits, method in sorted(combos):
                 cfg = compose(config_name="config", overrides=[f"model={model}", f"bits={bits}", f"method={method}"])
                 _check(cfg, model, bits, method)
+    finally:
+        GlobalHydra.instance().clear()
+
+
+def test_every_model_and_bits_composes_with_fp_and_ptq() -> None:
+    """The full model x bits product with ptq; fp with every model and every bits option.
+
+    (fp x the full product would add ~10 CPU-s and nothing else: model and bits can only interact with
+    the method through a tuned file, and every tuned file is composed in test_every_method_composes.)"""
+    combos = {(m, b, "ptq") for m in MODELS for b in BITS}
+    combos |= {(m, "w4a4", "fp") for m in MODELS} | {("deit_t", b, "fp") for b in BITS}
+    _compose_all(combos)
+
+
+def test_every_method_composes() -> None:
+    """Every method yaml (globbed: new ones are covered at once) and every tuned (method, model, bits) file.
+
+    Groups only interact through `optional tuned: ${method}_${model}_${bits}` (and experiments), so each
+    method is composed with the default demo at w4a4, with an ImageNet model at another width, and with
+    every combination that has a tuned file; the model and bits nodes must stay what the groups say."""
+    combos = {(m, b, me) for me in METHODS for m, b in (("demo", "w4a4"), ("deit_s", "w6a6"))}
+    for tuned in (CONF_DIR / "tuned").glob("*.yaml"):
+        combos |= {(m, b, me) for me in METHODS for m in MODELS for b in BITS if tuned.stem == f"{me}_{m}_{b}"}
+    _compose_all(combos)
+
+
+def test_every_experiment_composes() -> None:
+    register_resolvers()
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            for exp in sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml")):
+                cfg = compose(config_name="config", overrides=[f"experiment={exp}", "model=deit_s"])
+                assert cfg.model.name == "deit_s" and cfg.bits.name in BITS, exp
+                w, a = _bits_of(cfg.bits.name)
+                assert (cfg.bits.w_bit, cfg.bits.a_bit, cfg.bits.head_a_bit) == (w, a, a), exp
+                assert cfg.method.name in METHODS, exp
+                validate(cfg)
     finally:
         GlobalHydra.instance().clear()
 
