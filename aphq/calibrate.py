@@ -322,7 +322,7 @@ def calibrate_matmul(mm: QuantMatMul, a: torch.Tensor, b: torch.Tensor, y: torch
         me, other = (sa, sb) if which == "A" else (sb, sa)
         if me.q is None:
             return
-        keys = [(which, mode, int(me.iu[h]) if mode == "l" else -1, int(me.il[h]) if mode == "u" else -1,
+        keys = [(h, which, mode, int(me.iu[h]) if mode == "l" else -1, int(me.il[h]) if mode == "u" else -1,
                  other.key(h)) for h in range(heads)]
         todo = [h for h in range(heads) if not (cfg.memo and keys[h] in memo)]
         counts["memo_hits"] += heads - len(todo)

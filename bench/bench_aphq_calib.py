@@ -1,0 +1,169 @@
+"""Benchmark APHQ-ViT: calibration search, and the whole method with short iteration counts.
+
+    python bench/bench_aphq_calib.py                          # calibration of deit_t and deit_s, 128 images, W4A4
+    python bench/bench_aphq_calib.py --models deit_t --images 32 --threads 1
+    python bench/bench_aphq_calib.py --e2e --models deit_t --iters 20 --recon-images 64
+
+Models have random weights and the images are random (seeded): run time does not depend on either,
+except that the exact branch-and-bound search prunes less on such flat error landscapes than on
+trained models. Printed per model: wall seconds, CPU seconds (process user + system time: the
+steadier figure on a shared machine; with one thread it is about the wall time on an idle core) and
+peak resident memory (sampled every 5 ms; "+" = above the level before the stage). Calibration also
+gets a breakdown by module kind. `--e2e` runs MR → calibration → APH → block reconstruction and
+prints per-stage times, seconds per MR / reconstruction step, and APH seconds per image and unit.
+Nothing is written to disk.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import os
+import sys
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from aphq.aph import average_perturbation_hessian  # noqa: E402
+from aphq.calibrate import LN_SITES, CalibConfig, calibrate_model  # noqa: E402
+from aphq.mlp_recon import reconstruct_mlps  # noqa: E402
+from common.block_recon import reconstruct_model  # noqa: E402
+from common.quant.scheme import QuantScheme  # noqa: E402
+from common.quant.wrap import wrap_model  # noqa: E402
+from common.units import model_units  # noqa: E402
+from common.zoo import MODEL_ZOO, build_model  # noqa: E402
+
+MiB = 1024 ** 2
+
+
+def rss() -> int:
+    """Resident set size of this process in bytes (Linux /proc)."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+class PeakRSS:
+    """Background sampler of the resident set size; `stage()` records the peak while a block runs."""
+
+    def __init__(self, period: float = 0.005):
+        self.period, self.peak, self._stop = period, rss(), threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, rss())
+            time.sleep(self.period)
+
+    @contextmanager
+    def stage(self, out: dict, name: str):
+        base = rss()
+        self.peak = base
+        t0, c0 = time.perf_counter(), time.process_time()
+        yield
+        self.peak = max(self.peak, rss())
+        out[name] = {"wall_s": round(time.perf_counter() - t0, 2), "cpu_s": round(time.process_time() - c0, 2),
+                     "peak_MiB": round(self.peak / MiB), "plus_MiB": round((self.peak - base) / MiB)}
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def aphq_scheme(bits: int) -> QuantScheme:
+    return QuantScheme(w_bit=bits, a_bit=bits, matmul_granularity="head", ln_act_granularity="channel",
+                       ln_sites=LN_SITES)
+
+
+def fp_model(name: str) -> torch.nn.Module:
+    spec = MODEL_ZOO[name]
+    torch.manual_seed(0)
+    return build_model({"name": name, "timm_name": spec.timm_name, "family": spec.family, "checkpoint": None,
+                        "pretrained": False, "kwargs": {}}).eval()
+
+
+def images(n: int, model: torch.nn.Module, seed: int) -> torch.Tensor:
+    size = model.pretrained_cfg.get("input_size", (3, 224, 224))
+    return torch.randn(n, *size, generator=torch.Generator().manual_seed(seed))
+
+
+def bench_calibration(name: str, n: int, bits: int, meter: PeakRSS) -> dict:
+    model = wrap_model(fp_model(name), aphq_scheme(bits))
+    x = images(n, model, 1)
+    out: dict = {}
+    with meter.stage(out, "calibration"):
+        rec = calibrate_model(model, x, CalibConfig(n_images=n), bits, bits, progress=False)
+    kinds: dict[str, float] = {}
+    for qname, sec in rec["seconds"].items():
+        kind = qname.rsplit(".", 1)[-1] if "." in qname else qname
+        kinds[kind] = round(kinds.get(kind, 0.0) + sec, 2)
+    out["by_module_kind_wall_s"] = kinds
+    out["matmul_searches"] = sum(r.get("searches", 0) for r in rec["modules"].values())
+    out["matmul_memo_hits"] = sum(r.get("memo_hits", 0) for r in rec["modules"].values())
+    return out
+
+
+def bench_e2e(name: str, args, meter: PeakRSS) -> dict:
+    bits = args.bits
+    fp = fp_model(name)
+    q = copy.deepcopy(fp)
+    units = model_units(fp)
+    out: dict = {}
+    x_mr, x_cal, x_rec = images(args.recon_images, fp, 0), images(args.images, fp, 1), images(args.recon_images, fp, 2)
+    with meter.stage(out, "mlp_recon"):
+        mr = reconstruct_mlps(q, fp, x_mr, {"iters": args.iters, "log_every": 0}, progress=False)
+    it = [b["sec_per_iter"] for b in mr["blocks"].values()]
+    out["mlp_recon"].update(aph_s=mr["aph_seconds"], s_per_step=round(sum(it) / len(it), 4))
+    wrap_model(q, aphq_scheme(bits))
+    with meter.stage(out, "calibration"):
+        calibrate_model(q, x_cal, CalibConfig(n_images=args.images), bits, bits, progress=False)
+    names = [u.name for u in units]
+    with meter.stage(out, "aph"):
+        aph = average_perturbation_hessian(fp, x_rec, names, progress=False)
+    out["aph"]["s_per_image_per_unit"] = round(out["aph"]["wall_s"] / (x_rec.shape[0] * len(aph)), 4)
+    with meter.stage(out, "block_recon"):
+        rec = reconstruct_model(q, fp, x_rec, {"iters": args.iters, "log_every": 0, "eval_stats": False},
+                                weights=aph, progress=False)
+    blocks = [u for n_, u in rec["units"].items() if n_.startswith(("blocks.", "layers."))]
+    out["block_recon"]["s_per_step_block"] = round(sum(u["sec_per_iter"] for u in blocks) / max(len(blocks), 1), 4)
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", nargs="+", default=["deit_t", "deit_s"], choices=sorted(MODEL_ZOO))
+    p.add_argument("--images", type=int, default=128, help="calibration images (reference: 128)")
+    p.add_argument("--bits", type=int, default=4)
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--e2e", action="store_true", help="whole method with short iteration counts")
+    p.add_argument("--iters", type=int, default=20, help="MR and block-reconstruction steps per unit (--e2e)")
+    p.add_argument("--recon-images", type=int, default=64, help="MR / APH / reconstruction images (--e2e)")
+    p.add_argument("--json", type=str, default=None, help="also write the results to this file")
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    logging.basicConfig(level=logging.WARNING)
+    meter = PeakRSS()
+    results = {}
+    try:
+        for name in args.models:
+            t0 = time.perf_counter()
+            res = bench_e2e(name, args, meter) if args.e2e else bench_calibration(name, args.images, args.bits, meter)
+            res["total_wall_s"] = round(time.perf_counter() - t0, 2)
+            results[name] = res
+            print(json.dumps({"model": name, "images": args.images, "bits": args.bits,
+                              "threads": torch.get_num_threads(), **res}), flush=True)
+    finally:
+        meter.close()
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
