@@ -4,6 +4,7 @@ Matplotlib runs headless (Agg). Both functions return the list of files written.
 """
 from __future__ import annotations
 
+import hashlib
 import math
 import re
 from pathlib import Path
@@ -79,7 +80,8 @@ def plot_curves(runs: list["Run"], folder: Path, max_units_in_legend: int = 24) 
     for run in runs:
         if not run.curves:
             continue
-        name = re.sub(r"[^A-Za-z0-9_.=,-]+", "_", f"{run.model}-{run.label}-{run.bits}")
+        label = run.label if len(run.label) <= 60 else f"{run.method}[{hashlib.sha1(run.variant.encode()).hexdigest()[:8]}]"
+        name = re.sub(r"[^A-Za-z0-9_.=,-]+", "_", f"{run.model}-{label}-{run.bits}")
         if name in seen:  # another seed of the same configuration: keep the first
             continue
         seen.add(name)
@@ -110,7 +112,7 @@ def plot_curves(runs: list["Run"], folder: Path, max_units_in_legend: int = 24) 
             ax.grid(alpha=0.3, which="both")
             if len(units) <= max_units_in_legend:
                 ax.legend(fontsize=7, ncol=2 if len(units) > 8 else 1)
-        fig.suptitle(f"{run.model} | {run.label} | {run.bits}")
+        fig.suptitle(f"{run.model} | {run.label} | {run.bits}", fontsize=10 if len(run.label) < 80 else 7)
         fig.tight_layout()
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / f"{name}.png"

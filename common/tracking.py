@@ -52,7 +52,8 @@ def _wb(name: str) -> str:
 INFRA_OVERRIDE = re.compile(
     r"^(launcher|logger|device|num_threads|local)$"
     r"|^(hydra|logger|cluster|stages|debug)\."
-    r"|^model\.(checkpoint|pretrained)$|^dataset\.(root|num_workers|eval_batch_size)$")
+    r"|^model\.(checkpoint|pretrained)$|^dataset\.(root|num_workers|eval_batch_size)$"
+    r"|\.log_every$")
 
 
 def job_name(overrides: list[str]) -> str:
