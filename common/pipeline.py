@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import logging
 import time
@@ -36,10 +37,18 @@ def run_dir_of(cfg: DictConfig) -> Path:
 
 
 def _checkpoint_id(path: str | None) -> Any:
+    """Identity of the weights file for stage signatures: path, size and a content hash (a checkpoint
+    replaced in place, e.g. a retrained demo, has the same path and size but must not reuse old stages)."""
     if not path:
         return None
     p = Path(path)
-    return {"path": str(p), "size": p.stat().st_size if p.exists() else None}
+    if not p.is_file():
+        return {"path": str(p), "size": None}
+    digest = hashlib.sha1()
+    with open(p, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            digest.update(block)
+    return {"path": str(p), "size": p.stat().st_size, "sha1": digest.hexdigest()}
 
 
 def format_table(r: dict[str, Any]) -> str:
