@@ -194,3 +194,21 @@ def test_deit_checkpoint_round_trip(run_cfg, tmp_path) -> None:
     logits, labels = predict(source, data.eval_loader())
     assert torch.equal(saved["labels"], labels)
     torch.testing.assert_close(saved["logits"], logits, rtol=0, atol=1e-5)
+
+
+def test_replaced_checkpoint_is_not_served_from_the_stage_cache(tmp_path) -> None:
+    """Weights replaced in place (same path, same size: e.g. a retrained demo) must not reuse old stages."""
+    import common.digits  # noqa: F401  (registers vit_digits)
+    from safetensors.torch import save_file
+
+    ckpt, shared = tmp_path / "digits.safetensors", tmp_path / "shared"
+    results = []
+    for i, seed in enumerate((1, 2)):
+        torch.manual_seed(seed)
+        save_file(timm.create_model("vit_digits", pretrained=False).state_dict(), str(ckpt))
+        cfg = point_at(compose_cfg(["model=demo", f"model.checkpoint={ckpt}", "method=fp", "num_threads=1"]),
+                       tmp_path / f"run{i}", shared)
+        results.append(run(cfg))
+        assert [e["event"] for e in _events(tmp_path / f"run{i}")] == ["computed"]
+    (a,), (b,) = ((tmp_path / f"run{i}" / "stages").glob("fp_eval-*.pt") for i in (0, 1))
+    assert not torch.equal(torch.load(a, weights_only=False)["logits"], torch.load(b, weights_only=False)["logits"])
