@@ -85,10 +85,3 @@ def last_line(text: str) -> str:
     lines = [ln for ln in text.splitlines() if ln.strip()]
     return lines[-1] if lines else ""
 
-
-@pytest.fixture
-def need_demo_weights() -> Path:
-    """The bundled demo weights (trained by `python -m common.train_digits`); skip if not there yet."""
-    if not DEMO_WEIGHTS.is_file():
-        pytest.skip(f"demo weights {DEMO_WEIGHTS} not built yet (python -m common.train_digits)")
-    return DEMO_WEIGHTS
