@@ -74,8 +74,8 @@ def resolve_dataset(cfg: DictConfig) -> None:
     default = cfg.model.get("default_dataset", "imagenet_sample")
     check_group_choice("dataset", default)
     base = OmegaConf.load(CONF_DIR / "dataset" / f"{default}.yaml")
-    user = OmegaConf.to_container(cfg.dataset, resolve=False)
-    user.pop("name", None)
+    user = {k: v for k, v in OmegaConf.to_container(cfg.dataset, resolve=False).items()
+            if k != "name" and v is not None}
     with open_dict(cfg):
         cfg.dataset = OmegaConf.merge(base, user)
 
