@@ -28,7 +28,7 @@ __all__ = ["group_quantiles", "search_uniform_percentile", "search_log_sqrt2_per
 
 #: Largest input torch.quantile accepts; above it the references use numpy.percentile.
 TORCH_QUANTILE_MAX = 2 ** 24
-_CHUNK = 1 << 22  # elements per chunk when scoring candidates
+_CHUNK = 1 << 17  # elements per chunk when scoring candidates (cache-sized)
 
 
 def _ranks(n: int, probs: Sequence[float]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -108,39 +108,43 @@ def group_quantiles(x: torch.Tensor, probs: Sequence[float]) -> torch.Tensor:
     return torch.lerp(lo, hi, w.to(x.device, x.dtype)[None, :].expand_as(lo))
 
 
-def _mean_sq_error(x: torch.Tensor, err_fn) -> torch.Tensor:
-    """Per-row mean of err_fn(chunk, rows)² (float64 result), evaluated in chunks of rows or columns.
+def _candidate_mse(x: torch.Tensor, n_cand: int, err_fn) -> torch.Tensor:
+    """(G, P) mean of err_fn(chunk, rows, c, buf)² per row and candidate, float64.
 
-    `err_fn` returns a fresh float32 tensor Q(x) − x that may be squared in place.
+    x is walked in cache-sized chunks (rows, or columns of a single long row) and every candidate is
+    scored on a chunk while it is in cache; `err_fn` writes Q_c(chunk) − chunk into `buf`.
     """
     G, n = x.shape
-    total = torch.zeros(G, dtype=torch.float64, device=x.device)
-    if G > 1:
-        step = max(1, _CHUNK // max(n, 1))
-        for i in range(0, G, step):
-            e = err_fn(x[i:i + step], slice(i, i + step))
-            total[i:i + step] = e.mul_(e).sum(1).double()
-    else:
-        for j in range(0, n, _CHUNK):
-            e = err_fn(x[:, j:j + _CHUNK], slice(0, 1)).reshape(-1)
-            total += torch.dot(e, e).double()
+    total = torch.zeros(G, n_cand, dtype=torch.float64, device=x.device)
+    col_step = min(n, _CHUNK)
+    row_step = max(1, _CHUNK // col_step)
+    buf = torch.empty(min(G, row_step) * col_step, dtype=x.dtype, device=x.device)
+    for i in range(0, G, row_step):
+        rows = slice(i, i + row_step)
+        for j in range(0, n, col_step):
+            xs = x[rows, j:j + col_step]
+            b = buf[:xs.numel()].view(xs.shape)
+            for c in range(n_cand):
+                err_fn(xs, rows, c, b)
+                total[rows, c] += b.mul_(b).sum(1)
     return total / n
 
 
-def _uniform_error(x: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor, bits: int) -> torch.Tensor:
-    """fake_quant_affine(x) − x for an integer zero-point, with in-place ops (one allocation)."""
+def _uniform_error(x: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor, bits: int,
+                   out: torch.Tensor | None = None) -> torch.Tensor:
+    """fake_quant_affine(x) − x for an integer zero-point, in place in `out` (no other allocation)."""
     if scale.numel() == 1:  # scalar bounds take torch's fast clamp path
         scale, zp = float(scale), float(zp)
-    t = x / scale
+    t = torch.div(x, scale, out=out) if out is not None else x / scale
     t.round_()
     t.clamp_(min=-zp, max=(2 ** bits - 1) - zp)  # round(x/s) + z clamped to [0, 2^b−1], minus z
     t.mul_(scale)
     return t.sub_(x)
 
 
-def _log_sqrt2_error(x: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
-    """fake_quant_log_sqrt2(x) − x with in-place ops."""
-    level = x / scale
+def _log_sqrt2_error(x: torch.Tensor, scale: torch.Tensor, bits: int, out: torch.Tensor | None = None) -> torch.Tensor:
+    """fake_quant_log_sqrt2(x) − x, in place in `out`."""
+    level = torch.div(x, scale, out=out) if out is not None else x / scale
     level.log2_().mul_(-2.0).round_()
     under = level >= 2 ** bits
     level.clamp_(0, 2 ** bits - 1).mul_(-0.5).exp2_().mul_(scale)
@@ -175,9 +179,8 @@ def search_uniform_percentile(x: torch.Tensor, bits: int, probs: Sequence[float]
     levels = 2 ** bits - 1
     scale = ((q_hi - q_lo) / levels).clamp_min(min_scale)  # (G, P)
     zp = torch.round(-q_lo / scale)
-    scores = torch.stack([
-        _mean_sq_error(x, lambda xs, rows, c=c: _uniform_error(xs, scale[rows, c:c + 1], zp[rows, c:c + 1], bits))
-        for c in range(len(probs))], dim=1)
+    scores = _candidate_mse(x, len(probs), lambda xs, rows, c, buf: _uniform_error(
+        xs, scale[rows, c:c + 1], zp[rows, c:c + 1], bits, out=buf))
     best, found = _pick_first_best(scores)
     s = scale.gather(1, best[:, None])[:, 0]
     z = zp.gather(1, best[:, None])[:, 0]
@@ -197,8 +200,7 @@ def search_log_sqrt2_percentile(x: torch.Tensor, bits: int, probs: Sequence[floa
     """
     flat = x.float().reshape(1, -1)
     cands = group_quantiles(flat, probs)[0]  # (P,)
-    scores = torch.stack([_mean_sq_error(flat, lambda xs, rows, c=c: _log_sqrt2_error(xs, cands[c], bits))[0]
-                          for c in range(len(probs))])
+    scores = _candidate_mse(flat, len(probs), lambda xs, rows, c, buf: _log_sqrt2_error(xs, cands[c], bits, out=buf))[0]
     best, found = _pick_first_best(scores[None, :])
     s = cands[best[0]] if bool(found[0]) else flat.max()
     return s.reshape(1)

@@ -8,11 +8,13 @@ factorisation of the reversed matrix serves Aqer (k = 0) and every Wqer round.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
+from typing import Iterator
 
 import torch
 
-__all__ = ["SuffixCholesky", "ridge_matrix"]
+__all__ = ["SuffixCholesky", "ridge_matrix", "single_threaded"]
 log = logging.getLogger(__name__)
 
 
@@ -55,3 +57,23 @@ class SuffixCholesky:
             raise ValueError(f"right-hand side has {rhs.shape[0]} rows, the block has {m}")
         L = self.L[:m, :m]
         return torch.cholesky_solve(rhs.double().flip(0), L).flip(0)
+
+
+@contextlib.contextmanager
+def single_threaded() -> Iterator[None]:
+    """Run a stretch of small element-wise ops on one intra-op thread, then restore the setting.
+
+    Rounding refinement and the per-row weight searches are long sequences of ops on tensors of
+    10^4-10^6 elements: OpenMP fork/join per op costs more than a second core gains, and on a shared,
+    oversubscribed machine it costs several times the work itself. Large GEMMs and factorisations
+    elsewhere keep all threads.
+    """
+    n = torch.get_num_threads()
+    if n == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)

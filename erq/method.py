@@ -31,7 +31,7 @@ from common.units import model_units
 
 from .aqer import aqer_update
 from .dual_uniform import DualUniformQuantizer
-from .linalg import SuffixCholesky, ridge_matrix
+from .linalg import SuffixCholesky, ridge_matrix, single_threaded
 from .repq import RepQViT, fit_quantizer
 from .stats import LayerStats, collect_stats
 from .wqer import WeightGrid, wqer_layer
@@ -177,11 +177,12 @@ class ERQ(RepQViT):
                     x = torch.cat([unit(b) for b in batched(x, int(cfg.batch_size))])
             for name, layer in layers.items():
                 if name in stats:
-                    info = self.reduce_layer(layer, stats[name])
+                    with single_threaded():  # per-layer solves, searches and refinement: small ops
+                        info = self.reduce_layer(layer, stats[name])
                     if cfg.get("diagnostics"):
                         ctx.tracker.log({"event": "erq_layer", **info})
                 else:  # FP layer or every step switched off: plain weight re-calibration
-                    with ctx.timed("erq_weight_init"):
+                    with ctx.timed("erq_weight_init"), single_threaded():
                         self.refit_weights(layer)
             del stats
 

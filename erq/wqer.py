@@ -30,7 +30,7 @@ from typing import Callable
 
 import torch
 
-from .linalg import SuffixCholesky, ridge_matrix
+from .linalg import SuffixCholesky, ridge_matrix, single_threaded
 
 __all__ = ["WeightGrid", "refine_rounding", "wqer_layer", "rounding_proxy"]
 
@@ -155,8 +155,9 @@ def wqer_layer(weight: torch.Tensor, bias: torch.Tensor | None, gram_ext: torch.
         up = grid.dequant(vs, S, "round") == hi_v
         if refine:
             lo, hi = (lo_v - vs).double(), (hi_v - vs).double()
-            d = refine_rounding(torch.where(up, hi, lo), lo, hi, _proxy_matrix(gram_ext, colsum, n_rows, S),
-                                max_iters)
+            H = _proxy_matrix(gram_ext, colsum, n_rows, S)
+            with single_threaded():  # a long chain of small ops
+                d = refine_rounding(torch.where(up, hi, lo), lo, hi, H, max_iters)
             up = d == hi
         new = torch.where(up, hi_v, lo_v)
         err = (new - vs).double()
