@@ -26,7 +26,8 @@ unit's tensors kept), the quantized input of unit ℓ+1 is computed incrementall
 pre(unit_ℓ^quant(x_q,ℓ)) right after unit ℓ is finalised (one unit forward instead of a whole
 quantized-model sweep), ⌊W/s⌋ is cached by AdaRound, parameters that are not learned get
 `requires_grad=False` (no wasted weight/bias/LayerNorm gradients), the round loss is skipped during
-warm-up, and `cfg.compile` optionally `torch.compile`s the unit (off by default; helps on GPU).
+warm-up, activation quantizers train through a hand-fused STE/QDrop autograd function, and
+`cfg.compile` optionally `torch.compile`s those kernels or the whole unit (off by default).
 
 Randomness: every unit draws its batches from a CPU generator and its QDrop masks from the global
 RNG, both seeded from (run generator, unit index), so a run resumed at unit k (`start_unit=k`)
@@ -49,7 +50,7 @@ from .adaround import attach_adaround, beta_schedule, finalize_adaround
 from .quant.quantizers import UniformQuantizer, quantizers_of
 from .units import Unit, model_units
 
-__all__ = ["BlockReconConfig", "block_recon_config", "reconstruct_model", "unit_rec_loss", "WeightsArg"]
+__all__ = ["BlockReconConfig", "block_recon_config", "reconstruct_model", "unit_rec_loss", "keep_mask", "tune_cpu_allocator", "WeightsArg"]
 
 #: weights(unit_name, quantized_input, fp_input) -> per-unit loss weights (1, *out) / (N, *out), or None.
 WeightsArg = Callable[[str, torch.Tensor, torch.Tensor], "torch.Tensor | None"] | Mapping[str, torch.Tensor] | None
@@ -79,10 +80,19 @@ class BlockReconConfig:
             weights rescaled to mean 1 and rec = Σ_{dim1}(…)/10 averaged (best effort from the spec).
         learn_act_scale: train the activation scales (reference: always).
         log_every: loss-curve logging period (0: first and last step only).
-        compile: `torch.compile` the unit for training (off by default; GPU).
+        compile: False (default), True / "kernels": torch.compile the fused fake-quant kernels (one
+            fused loop per quantizer forward/backward, shared by all units; minutes of compilation on
+            CPU, worth it for full-length runs), "unit": torch.compile each unit's training forward
+            (GPU; recompiles per unit).
         eval_batch_size: batch of the capture / incremental-input / statistics passes.
         seed: seed of the run generator when the caller passes none.
         eval_stats: compute the unit objective over all samples before and after training.
+        fused_quant: train activation quantizers with a fused STE fake-quant + QDrop autograd function
+            (same forward values bit for bit, same gradient formula, far fewer elementwise passes; the
+            QDrop mask at drop_prob 0.5 is drawn from random bits). It uses the clamp subgradient 1 at the
+            grid ends, as torch ≤ 2.13 autograd (and the reference's torch 1.10) did; the plain
+            UniformQuantizer path (False) follows this torch's clamp, whose gradient is 0 there.
+        tune_allocator: on CPU, call `tune_cpu_allocator` (no page faults on re-allocated activations).
     """
 
     iters: int = 20000
@@ -100,10 +110,12 @@ class BlockReconConfig:
     init_loss_norm: bool = True
     learn_act_scale: bool = True
     log_every: int = 100
-    compile: bool = False
+    compile: bool | str = False
     eval_batch_size: int = 128
     seed: int = 3407
     eval_stats: bool = True
+    fused_quant: bool = True
+    tune_allocator: bool = True
 
     def __post_init__(self):
         if self.mode not in _MODES:
@@ -113,6 +125,14 @@ class BlockReconConfig:
                              "(the reference's 'hessian' is unimplemented there too)")
         if not 0.0 <= float(self.drop_prob) <= 1.0:
             raise ValueError(f"drop_prob must be in [0, 1], got {self.drop_prob}")
+        _compile_mode(self.compile)
+
+
+def _compile_mode(value: bool | str) -> str | None:
+    mode = {"false": None, "true": "kernels", "none": None, "": None}.get(str(value).lower(), str(value).lower())
+    if mode not in (None, "kernels", "unit"):
+        raise ValueError(f"compile must be false, true/'kernels' or 'unit', got {value!r}")
+    return mode
 
 
 def block_recon_config(cfg: Any = None, **overrides) -> BlockReconConfig:
@@ -151,6 +171,164 @@ def unit_rec_loss(out: torch.Tensor, target: torch.Tensor, weight: torch.Tensor 
         return e.sum(1).mean() / 10 if legacy else e.mean()
     e = (out - target).square() if metric == "mse" else (out - target).abs()
     return e.sum(1).mean()
+
+
+# --------------------------------------------------------------------------- CPU allocator
+
+_ALLOCATOR_TUNED = False
+
+
+def tune_cpu_allocator(mmap_threshold: int = 64 << 20, trim_threshold: int = 1 << 30) -> bool:
+    """Keep freed large blocks in the heap (glibc `mallopt`), once per process; True if applied.
+
+    A reconstruction step allocates and frees dozens of 5–20 MB activations; glibc serves those
+    with fresh `mmap`s (or trims them back to the OS), so every step page-faults its memory in
+    again, which costs as much as the arithmetic on CPU. Raising the mmap and trim thresholds makes
+    the allocator reuse the blocks. Pure allocator policy: no effect on results; the process keeps
+    its peak heap instead of returning it to the OS. No-op on non-glibc systems.
+    """
+    global _ALLOCATOR_TUNED
+    if _ALLOCATOR_TUNED:
+        return True
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        ok = libc.mallopt(-3, int(mmap_threshold)) == 1 and libc.mallopt(-1, int(trim_threshold)) == 1  # M_MMAP_, M_TRIM_
+    except (OSError, AttributeError):
+        ok = False
+    _ALLOCATOR_TUNED = bool(ok)
+    return _ALLOCATOR_TUNED
+
+
+# --------------------------------------------------------------------------- fused training fake-quant
+
+_BIT_SHIFTS: dict[torch.device, torch.Tensor] = {}
+
+
+def keep_mask(like: torch.Tensor, prob: float) -> torch.Tensor:
+    """Float 0/1 mask with P(1) = `prob`, same shape/device/dtype as `like` (QDrop's U(0,1) < p).
+
+    For p = 0.5 (every QDrop config) each element is one random bit (8 per random byte): exactly
+    Bernoulli(0.5), as float32 U < 0.5 is, at a fraction of the cost of one float draw per element
+    on CPU. Other p use U(0,1) < p. Draws from the global RNG of the tensor's device.
+    """
+    if prob == 0.5:
+        n = like.numel()
+        sh = _BIT_SHIFTS.get(like.device)
+        if sh is None:
+            sh = _BIT_SHIFTS[like.device] = torch.arange(8, dtype=torch.uint8, device=like.device)
+        b = torch.empty((n + 7) // 8, dtype=torch.uint8, device=like.device).random_()
+        bits = torch.bitwise_and(torch.bitwise_right_shift(b[:, None], sh), 1).reshape(-1)[:n]
+        return bits.reshape(like.shape).to(like.dtype)
+    return (torch.rand_like(like) < prob).to(like.dtype)
+
+
+def _fq_forward_math(x, scale, zp, keep, qmax: float, need_x: bool, need_s: bool):
+    """Out-of-place form of `_FakeQuantSTE.forward` (what `compile` hands to torch.compile). The QDrop
+    mask stays an input: inductor's in-kernel RNG is 3x slower than `keep_mask` on CPU."""
+    v = x / scale
+    c = torch.round(v) + zp
+    cc = c.clamp(0, qmax)
+    u = cc - zp
+    y = u * scale
+    inside = (c == cc).to(x.dtype)
+    if keep is not None:
+        y = torch.where(keep > 0.5, y, x)
+    t = ((u - inside * v) * (keep if keep is not None else 1.0)) if need_s else None
+    pass_x = (inside if keep is None else torch.where(keep > 0.5, inside, 1.0)) if need_x else None
+    return y, pass_x, t
+
+
+def _fq_backward_math(g, pass_x, t, dims: tuple[int, ...]):
+    grad_x = g * pass_x if pass_x is not None else None
+    grad_s = (g * t).sum(dim=dims, keepdim=True) if (t is not None and dims) else (g * t if t is not None else None)
+    return grad_x, grad_s
+
+
+def _broadcast_dims(x_shape: torch.Size, p_shape: torch.Size) -> tuple[int, ...]:
+    """Dimensions of x over which a broadcast parameter's gradient is summed."""
+    off = len(x_shape) - len(p_shape)
+    return tuple(i for i in range(len(x_shape)) if i < off or (p_shape[i - off] == 1 and x_shape[i] != 1))
+
+
+_COMPILED: dict[str, Callable] = {}
+
+
+def _compiled_kernels() -> tuple[Callable, Callable]:
+    if not _COMPILED:
+        _COMPILED["fwd"] = torch.compile(_fq_forward_math, dynamic=False)
+        _COMPILED["bwd"] = torch.compile(_fq_backward_math, dynamic=False)
+    return _COMPILED["fwd"], _COMPILED["bwd"]
+
+
+class _FakeQuantSTE(torch.autograd.Function):
+    """Asymmetric fake-quant with straight-through rounding and optional QDrop, fused by hand.
+
+    Forward (bitwise the same values as `fake_quant_affine(..., ste=True)` + `where(keep, x̂, x)`):
+        c = round(x/s) + z;  x̂ = (clamp(c, 0, qmax) − z)·s;  y = keep ? x̂ : x
+    Backward (the STE derivative of that expression, `inside` = 1[0 ≤ c ≤ qmax]):
+        ∂L/∂x = g·(keep·inside + 1 − keep)
+        ∂L/∂s = Σ_broadcast g·keep·((clamp(c) − z) − inside·x/s)
+    Both factors are formed in the forward pass, reusing its buffers, so the backward is one
+    multiply per input plus one reduction; the difference (clamp(c) − z) − x/s is formed per
+    element before summing (no cancellation between two large sums, unlike the autograd graph).
+    With `compiled`, forward and backward are torch.compile'd kernels of the same expressions.
+    """
+
+    @staticmethod
+    def forward(ctx, x, scale, zp, qmax: float, keep, compiled: bool = False):
+        need_x, need_s = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        ctx.scale_shape, ctx.compiled = scale.shape, compiled
+        if compiled:
+            y, pass_x, t = _compiled_kernels()[0](x, scale, zp, keep, qmax, need_x, need_s)
+            ctx.save_for_backward(pass_x, t)
+            ctx.dims = _broadcast_dims(x.shape, scale.shape)
+            return y
+        v = x / scale
+        c = torch.round(v).add_(zp)
+        u = c.clamp(0, qmax)
+        inside = torch.eq(c, u, out=c) if (need_x or need_s) else None  # c is not needed any more
+        u.sub_(zp)  # clamp(c) − z
+        y = u * scale
+        if keep is not None:
+            y = torch.lerp(x, y, keep, out=y)  # exact selection for 0/1 weights
+        t = pass_x = None
+        if need_s:
+            t = torch.addcmul(u, inside, v, value=-1, out=v)  # (clamp(c) − z) − inside·x/s, in v's buffer
+            if keep is not None:
+                t.mul_(keep)
+        if need_x:
+            pass_x = inside if keep is None else inside.sub_(1).mul_(keep).add_(1)
+        ctx.save_for_backward(pass_x, t)
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        pass_x, t = ctx.saved_tensors
+        if ctx.compiled:
+            grad_x, grad_s = _compiled_kernels()[1](g, pass_x, t, ctx.dims)
+            if grad_s is not None:
+                grad_s = grad_s.reshape(ctx.scale_shape)
+            return grad_x, grad_s, None, None, None, None
+        grad_x = g * pass_x if pass_x is not None else None
+        grad_s = None
+        if t is not None:
+            grad_s = t.mul_(g).sum_to_size(ctx.scale_shape)  # t is not needed after this backward
+        return grad_x, grad_s, None, None, None, None
+
+
+class _TrainingQuantizer(UniformQuantizer):
+    """A UniformQuantizer while its unit is reconstructed: same state and knobs, fused STE/QDrop path."""
+
+    compiled = False
+
+    def fake_quant(self, x: torch.Tensor) -> torch.Tensor:
+        if self.symmetric or not self.ste:
+            return UniformQuantizer.fake_quant(self, x)
+        z = (torch.round(self.zero_point) if self.round_zero_point else self.zero_point).detach()
+        keep = keep_mask(x, float(self.drop_prob)) if (self.training and self.drop_prob < 1.0) else None
+        return _FakeQuantSTE.apply(x, self.scale, z.to(x.dtype), float(2 ** self.bits - 1), keep, self.compiled)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -255,6 +433,8 @@ def reconstruct_model(qmodel: nn.Module, fp_model: nn.Module, images: torch.Tens
     """
     cfg = block_recon_config(cfg)
     device = torch.device(device)
+    if cfg.tune_allocator and device.type == "cpu":
+        tune_cpu_allocator()
     units_q, units_fp = model_units(qmodel), model_units(fp_model)
     if [u.name for u in units_q] != [u.name for u in units_fp]:
         raise ValueError("qmodel and fp_model must have the same units: "
@@ -326,6 +506,11 @@ def _reconstruct_unit(unit: Unit, fp_in: torch.Tensor, fp_out: torch.Tensor, q_i
     scales = [q.scale for q in act_qs] if cfg.learn_act_scale else []
     for p in alphas + scales:
         p.requires_grad_(True)
+    fused = [q for q in act_qs if type(q) is UniformQuantizer] if cfg.fused_quant else []
+    compile_mode = _compile_mode(cfg.compile)
+    for q in fused:
+        q.__class__ = _TrainingQuantizer
+        q.compiled = compile_mode == "kernels"
     for q in act_qs:
         q.ste = True
         q.drop_prob = float(cfg.drop_prob) if cfg.mode == "qdrop" else 1.0
@@ -333,7 +518,7 @@ def _reconstruct_unit(unit: Unit, fp_in: torch.Tensor, fp_out: torch.Tensor, q_i
     w_opt = torch.optim.Adam(alphas, lr=cfg.w_lr) if alphas else None
     a_opt = torch.optim.Adam(scales, lr=cfg.a_lr) if scales else None
     a_sched = torch.optim.lr_scheduler.CosineAnnealingLR(a_opt, T_max=cfg.iters, eta_min=0.0) if a_opt else None
-    forward = torch.compile(module, dynamic=False) if cfg.compile else module
+    forward = torch.compile(module, dynamic=False) if compile_mode == "unit" else module
     gen = torch.Generator().manual_seed(seed)
     n = fp_in.shape[0]
     warm = cfg.warmup * cfg.iters
@@ -352,6 +537,8 @@ def _reconstruct_unit(unit: Unit, fp_in: torch.Tensor, fp_out: torch.Tensor, q_i
                     x = x_fp
                 elif cfg.mode == "qinp":
                     x = q_in[idx]
+                elif cfg.fused_quant:
+                    x = torch.lerp(x_fp, q_in[idx], keep_mask(x_fp, float(cfg.drop_prob)))
                 else:
                     x_q = q_in[idx]
                     x = torch.where(torch.rand_like(x_q) < cfg.drop_prob, x_q, x_fp)
@@ -390,6 +577,9 @@ def _reconstruct_unit(unit: Unit, fp_in: torch.Tensor, fp_out: torch.Tensor, q_i
     finally:
         seconds = time.perf_counter() - t0
         finalize_adaround(module)
+        for q in fused:
+            q.__class__ = UniformQuantizer
+            q.__dict__.pop("compiled", None)
         for q in act_qs:
             q.ste = False
             q.drop_prob = 1.0
