@@ -21,6 +21,18 @@ torch 1.10 code; that also makes the double-differentiable `mode="hvp"` possible
 `mode="hvp"` is the non-faithful alternative: the exact forward-over-reverse Hessian-vector product
 H𝟙 (`torch.func.jvp` of the gradient), returned as 2ε·|H𝟙| so it is interchangeable in scale.
 
+What the faithful value is on real models (measured, see docs/aphq_engine.md): every APHQ site of a
+pre-LayerNorm ViT/DeiT/Swin feeds the rest of the network only through LayerNorms (directly or via the
+residual stream), and a LayerNorm ignores a constant added to all channels of a token. So the network
+output is invariant to O + c𝟙 and H𝟙 = 0 exactly (`mode="hvp"` returns zeros, float64 ≈ 1e-40). The
+reference's fp32 |g₊ − g₋| is therefore not curvature but what fp32 rounding leaves: a perturbation
+that is not exactly ε𝟙 (fl(x ± 1e-6) ≠ x ± 1e-6) plus the rounding of the forward/backward pass
+itself (the larger part, ~10x |H·(fl(O+ε) − fl(O−ε))| on the demo model). It is deterministic for
+given data and kernels (identical with stacked or separate ±ε passes and with batch 16 or 32 up to
+the 'batchmean' factor, on this CPU) and nonzero, so the faithful mode reproduces the reference's
+weighting; `hvp` cannot be used as a loss weight for such models (the first-step normalisation has
+nothing to divide by).
+
 `brecq_fisher` is the `hessian_brecq` ablation (spec §4.4): (∂L/∂O)² per sample, on the quantized
 model whose earlier units are quantized and whose current and later units run in FP.
 """
@@ -63,7 +75,9 @@ def strict_fp32(model: nn.Module, unfused_attention: bool = True) -> Iterator[nn
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
         torch.set_float32_matmul_precision("highest")
-        with torch.autocast(device_type="cpu", enabled=False):
+        with contextlib.ExitStack() as stack:
+            for kind in ("cpu",) + (("cuda",) if torch.cuda.is_available() else ()):
+                stack.enter_context(torch.autocast(device_type=kind, enabled=False))
             yield model
     finally:
         for p, flag in saved_rg:

@@ -178,7 +178,7 @@ class _ClipCorrection(torch.autograd.Function):
         flat = torch.nonzero(h2d.reshape(-1) > ub).squeeze(1)
         rows, cols = flat // k, flat % k
         vals = h2d.reshape(-1)[flat] - ub
-        e = torch.sparse_csr_tensor(_crow(rows, m), cols, vals, (m, k))
+        e = _csr(_crow(rows, m), cols, vals, (m, k))
         ctx.save_for_backward(flat, rows, cols, vals, w2)
         ctx.h_shape = (m, k)
         return torch.sparse.mm(e, w2.t().contiguous())
@@ -190,16 +190,23 @@ class _ClipCorrection(torch.autograd.Function):
         g = g.contiguous()
         grad_h = grad_w2 = None
         if ctx.needs_input_grad[0]:
-            pattern = torch.sparse_csr_tensor(_crow(rows, m), cols, torch.zeros_like(vals), (m, k))
+            pattern = _csr(_crow(rows, m), cols, torch.zeros_like(vals), (m, k))
             sampled = torch.sparse.sampled_addmm(pattern, g, w2, beta=0.0)
             grad_h = torch.zeros(m * k, dtype=g.dtype, device=g.device)
             grad_h[flat] = sampled.values()
             grad_h = grad_h.view(m, k)
         if ctx.needs_input_grad[1]:
             order = torch.argsort(cols, stable=True)
-            et = torch.sparse_csr_tensor(_crow(cols[order], k), rows[order], vals[order], (k, m))
+            et = _csr(_crow(cols[order], k), rows[order], vals[order], (k, m))
             grad_w2 = torch.sparse.mm(et, g).t()
         return grad_h, grad_w2, None
+
+
+def _csr(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Sparse CSR tensor built from valid indices (no invariant check; torch's 'beta' warning muted)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.sparse_csr_tensor(crow, col, values, size, check_invariants=False)
 
 
 def _crow(sorted_rows: torch.Tensor, n_rows: int) -> torch.Tensor:

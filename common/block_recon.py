@@ -480,10 +480,11 @@ def reconstruct_model(qmodel: nn.Module, fp_model: nn.Module, images: torch.Tens
                                                tracker, device, progress)
             if on_unit_done is not None:
                 on_unit_done(uq.name)
-            t0 = time.perf_counter()
-            q_prev = _apply(uq.module, q_in, eb, device)
-            fp_prev = fp_out
-            capture += time.perf_counter() - t0
+            if index + 1 < stop:
+                t0 = time.perf_counter()
+                q_prev = _apply(uq.module, q_in, eb, device)
+                fp_prev = fp_out
+                capture += time.perf_counter() - t0
             del fp_in, q_in, w
     finally:
         for p, flag in saved_rg:

@@ -262,3 +262,71 @@ def test_swin_units_reconstruct():
     assert list(res["units"]) == ["patch_embed", "layers.0.blocks.0", "layers.1.downsample", "layers.1.blocks.0",
                                   "head"]
     assert sum(st["objective_after"] < st["objective_before"] for st in res["units"].values()) >= 4
+
+
+def _reference_fake_quant(x, scale, zp, qmax, keep):
+    """Autograd STE fake-quant with the clamp subgradient 1 at the grid ends (torch 1.10, the reference)."""
+    v = x / scale
+    c = v + (torch.round(v) - v).detach() + zp
+    inside = (c >= 0) & (c <= qmax)
+    y = (torch.where(inside, c, c.clamp(0, qmax).detach()) - zp) * scale
+    return torch.where(keep.bool(), y, x) if keep is not None else y
+
+
+@pytest.mark.parametrize("shape,sshape", [((4, 3, 9, 9), (1, 3, 1, 1)), ((4, 9, 16), (1,)), ((4, 9, 16), (1, 9, 1))])
+@pytest.mark.parametrize("qdrop", [True, False])
+def test_fused_fake_quant_matches_autograd_ste(shape, sshape, qdrop):
+    from common.block_recon import _FakeQuantSTE, keep_mask
+
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randn(shape, generator=g) * 3
+    s0 = torch.rand(sshape, generator=g) * 0.3 + 0.1
+    z = torch.round(torch.rand(sshape, generator=g) * 8)
+    x0[0].flatten()[:4] = (torch.tensor([0.0, 15.0, -1.0, 16.0]) - z.flatten()[0]) * s0.flatten()[0]  # grid ends
+    keep = keep_mask(x0, 0.5) if qdrop else None
+    grad = torch.randn(shape, generator=g)
+    outs = []
+    for fn, dtype in ((_reference_fake_quant, torch.float64), (_FakeQuantSTE.apply, torch.float32)):
+        x, s = x0.to(dtype).clone().requires_grad_(), s0.to(dtype).clone().requires_grad_()
+        k = None if keep is None else keep.to(dtype)
+        y = fn(x, s, z.to(dtype), 15.0, k)
+        y.backward(grad.to(dtype))
+        outs.append((y.detach(), x.grad, s.grad))
+    (y64, gx64, gs64), (y32, gx32, gs32) = outs
+    torch.testing.assert_close(y32, _reference_fake_quant(x0, s0, z, 15.0, keep), rtol=0, atol=0)  # bitwise
+    torch.testing.assert_close(gx32.double(), gx64, rtol=0, atol=0)
+    torch.testing.assert_close(gs32.double(), gs64, rtol=1e-4, atol=1e-5)
+
+
+def test_keep_mask_is_bernoulli():
+    from common.block_recon import keep_mask
+
+    x = torch.empty(200_001)
+    torch.manual_seed(0)
+    m = keep_mask(x, 0.5)
+    assert set(m.unique().tolist()) <= {0.0, 1.0} and m.dtype == x.dtype
+    assert abs(m.mean().item() - 0.5) < 5 * 0.5 / 200_001 ** 0.5
+    m2 = keep_mask(x, 0.8)
+    assert abs(m2.mean().item() - 0.8) < 5 * 0.4 / 200_001 ** 0.5
+    torch.manual_seed(0)
+    assert torch.equal(keep_mask(x, 0.5), m)  # global RNG: reproducible
+
+
+def test_unfused_path_still_reconstructs(setup):
+    fp, q0, images = setup
+    res = reconstruct_model(copy.deepcopy(q0), fp, images, _cfg(iters=40, fused_quant=False, tune_allocator=False),
+                            stop_unit=2, progress=False)
+    assert all(st["objective_after"] < st["objective_before"] for st in res["units"].values())
+
+
+@pytest.mark.slow
+def test_compiled_kernels_match_eager(setup):
+    """compile='kernels' gives the same reconstruction as the eager fused path (up to summation order)."""
+    fp, q0, images = setup
+    cfg = _cfg(iters=6, eval_stats=False)
+    a, b = copy.deepcopy(q0), copy.deepcopy(q0)
+    reconstruct_model(a, fp, images, cfg, generator=torch.Generator().manual_seed(3), stop_unit=2, progress=False)
+    reconstruct_model(b, fp, images, BlockReconConfig(**{**cfg.__dict__, "compile": "kernels"}),
+                      generator=torch.Generator().manual_seed(3), stop_unit=2, progress=False)
+    for (k, va), vb in zip(a.state_dict().items(), b.state_dict().values()):
+        torch.testing.assert_close(va, vb, rtol=1e-4, atol=1e-5, msg=k)

@@ -127,3 +127,28 @@ def test_demo_accuracy_kept_within_two_points():
         acc_fp = (fp(x).argmax(-1) == y).float().mean().item() * 100
         acc_mr = (model(x).argmax(-1) == y).float().mean().item() * 100
     assert acc_mr >= acc_fp - 2.0, (acc_fp, acc_mr)
+
+
+def test_sparse_clamp_branch_equals_dense_fc2():
+    """fc2(clamp(h, 0, ub)) = fc2(h) − relu(h − ub)·W2ᵀ: same loss and gradients as the dense branch."""
+    from aphq.mlp_recon import _loss, _mlp_forward
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 9, 16, generator=g, dtype=torch.float64)
+    y = torch.randn(6, 9, 16, generator=g, dtype=torch.float64)
+    w = torch.rand(1, 9, 16, generator=g, dtype=torch.float64)
+    base = nn.Module()
+    base.fc1, base.fc2 = nn.Linear(16, 64).double(), nn.Linear(64, 16).double()
+    results = []
+    for sparse in (False, True):
+        mlp = copy.deepcopy(base)
+        y_hat, y_clip = _mlp_forward(mlp, x, 0.4, sparse_clip=sparse)
+        loss = _loss(y_hat, y_clip, y, w, 2.0, 10.0)
+        loss.backward()
+        results.append((y_clip.detach(), loss.detach(), [p.grad for p in mlp.parameters()]))
+    (c0, l0, g0), (c1, l1, g1) = results
+    assert (torch.relu(base.fc1(x)) > 0.4).any()
+    torch.testing.assert_close(c1, c0, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(l1, l0, rtol=1e-12, atol=0)
+    for a, b in zip(g1, g0):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
