@@ -10,10 +10,12 @@ import json
 import pytest
 
 from common.pipeline import run
+from conftest import DEMO_WEIGHTS
 
 
+@pytest.mark.skipif(not DEMO_WEIGHTS.is_file(), reason="demo weights not built (python -m common.train_digits)")
 @pytest.mark.parametrize("bits", ["w4a4", "w3a4"])
-def test_erq_beats_repq_on_demo(run_cfg, need_demo_weights, tmp_path, bits):
+def test_erq_beats_repq_on_demo(run_cfg, tmp_path, bits):
     results = {}
     for method in ("repq", "erq"):
         cfg = run_cfg([f"method={method}", "model=demo", f"bits={bits}", "logger=jsonl"],
