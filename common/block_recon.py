@@ -90,8 +90,8 @@ class BlockReconConfig:
         fused_quant: train activation quantizers with a fused STE fake-quant + QDrop autograd function
             (same forward values bit for bit, same gradient formula, far fewer elementwise passes; the
             QDrop mask at drop_prob 0.5 is drawn from random bits). It uses the clamp subgradient 1 at the
-            grid ends, as torch ≤ 2.13 autograd (and the reference's torch 1.10) did; the plain
-            UniformQuantizer path (False) follows this torch's clamp, whose gradient is 0 there.
+            grid ends, as the reference's torch 1.10 did; the plain UniformQuantizer path (False)
+            follows the installed torch, whose clamp gradient is 0 there (torch 2.14).
         tune_allocator: on CPU, call `tune_cpu_allocator` (no page faults on re-allocated activations).
     """
 
@@ -194,7 +194,9 @@ def tune_cpu_allocator(mmap_threshold: int = 64 << 20, trim_threshold: int = 1 <
         import ctypes
 
         libc = ctypes.CDLL("libc.so.6")
-        ok = libc.mallopt(-3, int(mmap_threshold)) == 1 and libc.mallopt(-1, int(trim_threshold)) == 1  # M_MMAP_, M_TRIM_
+        # M_MMAP_THRESHOLD (-3); older glibc caps it at 32 MiB. M_TRIM_THRESHOLD (-1).
+        ok = libc.mallopt(-3, int(mmap_threshold)) == 1 or libc.mallopt(-3, 32 << 20) == 1
+        ok = libc.mallopt(-1, int(trim_threshold)) == 1 and ok
     except (OSError, AttributeError):
         ok = False
     _ALLOCATOR_TUNED = bool(ok)
