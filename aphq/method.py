@@ -306,11 +306,16 @@ class APHQ(PTQMethod):
                     self.ctx.tracker.log({"event": "aphq_reconstruct_resumed", "next_unit": start, "path": str(p)})
                     break
         t_w = time.perf_counter()
-        if rcfg.metric == "hessian_perturb":
-            weights: Any = average_perturbation_hessian(
-                fp_model, images, units[start:], eps=float(cfg.eps), temp=float(cfg.temp),
-                batch_size=int(cfg.get("aph_batch_size", 32)), mean=bool(rcfg.use_mean_hessian),
-                mode=str(cfg.get("aph_mode", "faithful")), device=device)
+        aph_kw = dict(eps=float(cfg.eps), temp=float(cfg.temp), batch_size=int(cfg.get("aph_batch_size", 32)),
+                      mode=str(cfg.get("aph_mode", "faithful")), device=device, progress=False)
+        if rcfg.metric == "hessian_perturb" and rcfg.use_mean_hessian:
+            # averaged APH of every remaining unit up front, from the FP model alone (spec §7 item 2)
+            weights: Any = average_perturbation_hessian(fp_model, images, units[start:], mean=True, **aph_kw)
+        elif rcfg.metric == "hessian_perturb":
+            # per-sample PH (ablation_avg): (N, *out) per unit, computed just before the unit trains so only
+            # one unit's tensor is in memory (all units up front would be ~units x N x out floats)
+            def weights(name: str, _q_in: torch.Tensor, _fp_in: torch.Tensor) -> torch.Tensor | None:
+                return average_perturbation_hessian(fp_model, images, [name], mean=False, **aph_kw).get(name)
         elif rcfg.metric == "hessian_brecq":
             teacher = fp_logits(fp_model, images, int(cfg.get("aph_batch_size", 32)), device)
             weights = brecq_fisher_weights(model, teacher, temp=float(cfg.temp),
