@@ -35,6 +35,7 @@ from common.quant.wrap import wrap_model
 from common.reparam import reparameterize_layernorm
 
 from .dual_uniform import DualUniformQuantizer
+from .linalg import single_threaded
 
 __all__ = ["RepQViT", "fit_quantizer", "lazy_init", "reparam_pairs", "apply_reparam", "build_scheme"]
 log = logging.getLogger(__name__)
@@ -89,7 +90,8 @@ def lazy_init(model: nn.Module, act_grid: Sequence[float], weight_grid: Sequence
 
     def hook(q: Quantizer, args):
         if q.enabled and q.bits < 32 and not bool(q.calibrated):
-            fit_quantizer(q, args[0].detach(), act_grid, weight_grid)
+            with single_threaded():  # a chain of cache-sized element-wise ops: threads only add sync cost
+                fit_quantizer(q, args[0].detach(), act_grid, weight_grid)
 
     for _, q in quantizers_of(model):
         if isinstance(q, (UniformQuantizer, LogQuantizer)):
@@ -194,7 +196,8 @@ class RepQViT(PTQMethod):
         for _, m in model.named_modules():
             q = getattr(m, "weight_quantizer", None)
             if isinstance(q, UniformQuantizer) and q.bits < 32 and not (only_uncalibrated and bool(q.calibrated)):
-                fit_quantizer(q, m.weight.detach(), self.act_grid(), self.weight_grid())
+                with single_threaded():
+                    fit_quantizer(q, m.weight.detach(), self.act_grid(), self.weight_grid())
 
     def stage_key(self, *sections: str) -> dict:
         """Config sections a stage depends on (plus bits and n_calib)."""
