@@ -57,7 +57,7 @@ def _tiny(family: str) -> torch.nn.Module:
 
 
 def _method(name: str, tmp: Path, overrides=(), reuse: bool = False, bits: str = "w4a4"):
-    cfg = compose_cfg([f"method={name}", f"bits={bits}", *overrides])
+    cfg = compose_cfg([f"method={name}", f"bits={bits}", "model=deit_t", *overrides])  # no conf/tuned file
     with open_dict(cfg):
         cfg.method.n_calib = 6
     ctx = RunContext(cfg, tmp, torch.device("cpu"), StageCache(tmp, None, reuse), Tracker(tmp), {"test": 1})
