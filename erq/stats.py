@@ -22,16 +22,27 @@ import torch.nn.functional as F
 from torch import nn
 
 from common.quant.modules import QuantConv2d
-from common.quant.quantizers import Quantizer
+from common.quant.quantizers import Quantizer, UniformQuantizer
 
 __all__ = ["LayerStats", "layer_rows", "collect_stats", "apply_quantizer"]
 
 
 def apply_quantizer(q: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """q's fake-quant of x regardless of its `enabled` flag (identity when FP or uncalibrated)."""
-    if isinstance(q, Quantizer) and q.bits < 32 and bool(q.calibrated):
-        return q.fake_quant(x)
-    return x
+    """q's fake-quant of x regardless of its `enabled` flag (identity when FP or uncalibrated).
+
+    A per-tensor asymmetric uniform quantizer (every ERQ linear input after reparameterization) takes
+    an in-place path with the same operations in the same order as `fake_quant_affine` (bit-identical,
+    one allocation instead of six).
+    """
+    if not (isinstance(q, Quantizer) and q.bits < 32 and bool(q.calibrated)):
+        return x
+    if isinstance(q, UniformQuantizer) and not q.symmetric and q.scale.numel() == 1:
+        scale = float(q.scale.detach())
+        zp = float(torch.round(q.zero_point)) if q.round_zero_point else float(q.zero_point)
+        t = x / scale
+        t.round_().add_(zp).clamp_(0, 2 ** q.bits - 1)
+        return t.sub_(zp).mul_(scale)
+    return q.fake_quant(x)
 
 
 def _im2col(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:

@@ -62,6 +62,17 @@ def test_streamed_stats_equal_one_shot_gram(d_in, d_out):                # d_in 
     assert st.rows == len(x)
 
 
+@pytest.mark.parametrize("round_zero_point", [False, True])
+def test_stats_quantizer_path_is_bit_identical(round_zero_point):
+    from common.quant.quantizers import UniformQuantizer
+    from erq.stats import apply_quantizer
+
+    q = UniformQuantizer(4, round_zero_point=round_zero_point)
+    q.set_qparams(torch.tensor([0.137]), torch.tensor([6.4]))
+    x = torch.randn(300, 17, generator=torch.Generator().manual_seed(0)) * 2
+    assert torch.equal(apply_quantizer(q, x), q.fake_quant(x))
+
+
 def test_suffix_cholesky_solves_every_trailing_block():
     g = torch.Generator().manual_seed(1)
     a = torch.randn(50, 12, generator=g, dtype=torch.float64)
