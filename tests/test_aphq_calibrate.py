@@ -69,8 +69,9 @@ def test_weight_grid_matches_float64_enumeration(bits):
     # the weight self-search picks the float64 argmin of the row MSE
     best = S.pruned_argmin(128, 5, [(0, 1)], lambda idx, lo, hi: S.self_errors(w[None], *grid.params(idx), bits))
     for r in range(5):
-        errs = [float(((fake_quant_affine(w[r].double(), s[k, r].double(), z[k, r].double(), bits) - w[r].double()) ** 2)
-                      .sum()) for k in range(128)]
+        w64 = w[r].double()
+        errs = [float(((fake_quant_affine(w64, s[k, r].double(), z[k, r].double(), bits) - w64) ** 2).sum())
+                for k in range(128)]
         assert errs[int(best[r])] == pytest.approx(min(errs), rel=1e-6)
 
 
