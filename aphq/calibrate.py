@@ -41,7 +41,7 @@ from tqdm.auto import tqdm
 
 from common.calibration import batched, capture_io, iter_unit_inputs
 from common.quant import QuantConv2d, QuantLinear, QuantMatMul, UniformQuantizer, quant_state
-from common.quant.granularity import PerTensor
+from common.quant.granularity import Granularity, PerAxis, PerTensor, PerToken
 from common.quant.primitives import fake_quant_affine
 from common.quant.wrap import quant_layers
 from common.reparam import reparameterize_layernorm
@@ -51,7 +51,7 @@ from .search import (GridCandidates, LeftOperandSearch, activation_grid, conv_pe
                      pair_qparams, pruned_argmin, sample_chunks, self_errors, weight_grid, weight_output_errors)
 
 __all__ = ["CalibConfig", "calibrate_model", "calibrate_linear", "calibrate_matmul", "calibrate_conv",
-           "expand_token_wise", "reparam_active", "LN_SITES"]
+           "expand_token_wise", "granularity_of_scale", "reparam_active", "LN_SITES"]
 
 log = logging.getLogger(__name__)
 
@@ -377,6 +377,17 @@ def calibrate_matmul(mm: QuantMatMul, a: torch.Tensor, b: torch.Tensor, y: torch
 def _expand_scale(q: UniformQuantizer, shape: tuple[int, ...]) -> None:
     """Replace q.scale by a parameter of `shape` filled from its current value (zp unchanged)."""
     q.scale = nn.Parameter(q.scale.detach().expand(shape).clone(), requires_grad=q.scale.requires_grad)
+    q.granularity = granularity_of_scale(q.scale)
+
+
+def granularity_of_scale(scale: torch.Tensor) -> Granularity:
+    """The granularity a scale's shape implies (informational attribute of the quantizer)."""
+    kept = tuple(i for i, n in enumerate(scale.shape) if n > 1)
+    if not kept:
+        return PerTensor()
+    if scale.dim() == 3 and kept == (1,):
+        return PerToken()
+    return PerAxis(kept)
 
 
 def expand_token_wise(layer: nn.Module, inputs: tuple[torch.Tensor, ...]) -> bool:

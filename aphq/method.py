@@ -43,15 +43,14 @@ from torch import nn
 from common.block_recon import block_recon_config, reconstruct_model
 from common.evaluate import predict, topk_accuracy
 from common.methods import PTQMethod, register_method, scheme_from_bits
-from common.quant.granularity import PerTensor
 from common.quant.modules import QuantLinear
-from common.quant.quantizers import UniformQuantizer
+from common.quant.quantizers import UniformQuantizer, quantizers_of
 from common.quant.wrap import wrap_model
 from common.stages import signature
 from common.units import model_units
 
 from .aph import average_perturbation_hessian, brecq_fisher_weights, fp_logits
-from .calibrate import LN_SITES, CalibConfig, calibrate_model, reparam_active
+from .calibrate import LN_SITES, CalibConfig, calibrate_model, granularity_of_scale, reparam_active
 from .mlp_recon import mlp_recon_config, reconstruct_mlps, relu_swap
 
 __all__ = ["APHQ", "QDrop", "BRECQ", "BRECQQuantInput", "APHQNoAverage", "APHQBrecqHessian", "APHQNoMR", "STAGES"]
@@ -91,17 +90,15 @@ def load_quant_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
 
     Reparameterization may have created a bias on Swin `reduction` (so a zero bias is added where the
     state has one), token-wise scales change quantizer shapes (handled by the quantizers themselves),
-    and LayerNorm-fed inputs become per-tensor.
+    and LayerNorm-fed inputs become per-tensor (the `granularity` attribute follows the loaded scales).
     """
     for name, m in model.named_modules():
         if isinstance(m, QuantLinear) and m.bias is None and f"{name}.bias" in state:
             m.bias = nn.Parameter(torch.zeros(m.out_features, device=m.weight.device, dtype=m.weight.dtype))
     model.load_state_dict(state)
-    for m in model.modules():
-        if isinstance(m, QuantLinear) and getattr(m, "site", "") in LN_SITES:
-            q = m.input_quantizer
-            if isinstance(q, UniformQuantizer) and q.scale.numel() == 1:
-                q.granularity = PerTensor()
+    for name, q in quantizers_of(model, role="act"):
+        if isinstance(q, UniformQuantizer) and f"{name}.scale" in state:
+            q.granularity = granularity_of_scale(q.scale)
 
 
 @register_method("aphq")

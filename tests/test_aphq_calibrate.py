@@ -260,3 +260,22 @@ def test_swin_reduction_gets_reparam_bias():
     assert red.bias is not None and red.input_quantizer.scale.numel() == 1
     with torch.no_grad(), quant_state(m, weight=False, act=False):
         assert torch.allclose(m(x), fp(x), atol=1e-4)
+
+
+def test_calibrated_state_loads_into_a_fresh_wrap():
+    """A saved calibration (token-wise scales, reparam'd norms, per-tensor LN inputs) loads into a freshly
+    wrapped model and reproduces its outputs (what the stage cache does)."""
+    from aphq.method import load_quant_state
+
+    fp = _tiny_vit()
+    x = torch.randn(4, 3, 32, 32)
+    m = wrap_model(copy.deepcopy(fp), _aphq_scheme(2))
+    calibrate_model(m, x, CalibConfig(token_wise=True), 2, 2, progress=False)
+    fresh = wrap_model(copy.deepcopy(fp), _aphq_scheme(2))
+    load_quant_state(fresh, {k: v.clone() for k, v in m.state_dict().items()})
+    from common.quant.granularity import PerToken
+
+    assert isinstance(fresh.blocks[0].attn.qkv.input_quantizer.granularity, PerToken)
+    assert isinstance(fresh.head.input_quantizer.granularity, PerTensor)
+    with torch.no_grad():
+        assert torch.equal(fresh(x), m(x))
