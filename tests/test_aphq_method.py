@@ -101,7 +101,7 @@ def test_reconstruction_resumes_after_a_crash(run_cfg, tmp_path, monkeypatch):
 
 @pytest.mark.slow  # 6 demo runs with the default preset (~4 min each for qdrop / aphq on 2 busy cores)
 @pytest.mark.parametrize("bits", ["w4a4", "w3a3"])
-def test_aphq_beats_qdrop_beats_ptq_on_demo(run_cfg, need_demo_weights, tmp_path, bits):
+def test_aphq_beats_qdrop_beats_ptq_on_demo(run_cfg, tmp_path, bits):
     short = ["model=demo", "logger=jsonl", "num_threads=1", f"bits={bits}"]
     res = {m: run(run_cfg([f"method={m}", *short], run_dir=tmp_path / m)) for m in ("ptq", "qdrop", "aphq")}
     kl = {m: r["kl_to_fp"] for m, r in res.items()}
