@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from common.calibration import batched
 from common.methods import register_method
 from common.quant.modules import QuantConv2d, QuantLinear
-from common.quant.quantizers import Quantizer, UniformQuantizer, quant_state, quantizers_of
+from common.quant.quantizers import Quantizer, UniformQuantizer, quant_state
 from common.quant.wrap import quant_layers
 from common.units import model_units
 
@@ -203,24 +203,14 @@ class ERQ(RepQViT):
         images, _ = data.calibration(self.n_calib())
         self.prepare(model)
 
-        def calibrate() -> dict:
+        def calibrate() -> None:
             with self.ctx.timed("erq_act_init"):
                 self.calibrate(model, images)
             with self.ctx.timed("erq_reparam"):
                 self.reparameterize(model)
-            return {"state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}}
 
-        res, sig = self.ctx.stage("erq_calibrate", self.stage_key("act_init", "reparam", "patch_embed_a_bit",
-                                                                  "dual_uniform"), calibrate)
-        model.load_state_dict(res["state_dict"])
-
-        def reduce() -> dict:
-            self.reduce_errors(model, images)
-            return {"state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}}
-
+        sig = self.model_stage(model, "erq_calibrate",
+                               self.stage_key("act_init", "reparam", "patch_embed_a_bit", "dual_uniform"), calibrate)
         key = {"upstream": sig, **self.stage_key("coe", "aqer", "wqer", "weight_init", "dual_uniform", "stats_dtype")}
-        res, _ = self.ctx.stage("erq_reduce", key, reduce)
-        model.load_state_dict(res["state_dict"])
-        for _, q in quantizers_of(model):
-            q.enabled = True
-        return model
+        self.model_stage(model, "erq_reduce", key, lambda: self.reduce_errors(model, images))
+        return self.enable_all(model)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -205,12 +205,31 @@ class RepQViT(PTQMethod):
         return {"bits": OmegaConf.to_container(self.bits, resolve=True), "method": self.name,
                 "n_calib": cfg.get("n_calib"), **{s: cfg.get(s) for s in sections}}
 
+    def model_stage(self, model: nn.Module, name: str, key: dict, work: Callable[[], None]) -> str:
+        """Run `work` (which changes `model` in place) as a cached stage holding the model's state dict.
+
+        A finished stage is loaded instead of recomputed (resume); returns the stage's signature.
+        """
+        def compute() -> dict:
+            work()
+            return {"state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}}
+
+        result, sig = self.ctx.stage(name, key, compute)
+        model.load_state_dict(result["state_dict"])
+        return sig
+
+    @staticmethod
+    def enable_all(model: nn.Module) -> nn.Module:
+        for _, q in quantizers_of(model):
+            q.enabled = True
+        return model
+
     # ------------------------------------------------------------------ method
     def quantize(self, model: nn.Module, data) -> nn.Module:
         images, _ = data.calibration(self.n_calib())
         self.prepare(model)
 
-        def compute() -> dict:
+        def work() -> None:
             with self.ctx.timed("repq_calibrate"):
                 self.calibrate(model, images)
             with self.ctx.timed("repq_reparam"):
@@ -218,11 +237,7 @@ class RepQViT(PTQMethod):
             with self.ctx.timed("repq_weight_init"):
                 self.fit_weights(model, only_uncalibrated=True)
             log.info("RepQ-ViT: reparameterized %d LayerNorms", len(names))
-            return {"state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}}
 
-        result, _ = self.ctx.stage("repq_init", self.stage_key("act_init", "weight_init", "reparam",
-                                                                "patch_embed_a_bit"), compute)
-        model.load_state_dict(result["state_dict"])
-        for _, q in quantizers_of(model):
-            q.enabled = True
-        return model
+        self.model_stage(model, "repq_init", self.stage_key("act_init", "weight_init", "reparam", "patch_embed_a_bit"),
+                         work)
+        return self.enable_all(model)
