@@ -7,6 +7,7 @@ Importing the package registers both methods. Modules:
   dual_uniform  the two-grid weight quantizer for qkv / fc1
   stats         streaming Gram statistics of a layer's input (no activation dump)
   linalg        one Cholesky per layer serving every ridge solve
+  tune          held-out selection of per-(model, bits) settings for conf/tuned/ (python -m erq.tune)
 See docs/erq.md and /conf/method/{erq,repq}.yaml.
 """
 from .method import ERQ
