@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # plain `pytest` (not `python -m pytest`) without `pip install -e .`
@@ -85,3 +86,13 @@ def last_line(text: str) -> str:
     lines = [ln for ln in text.splitlines() if ln.strip()]
     return lines[-1] if lines else ""
 
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny tensors: OpenMP fork/join dominates (badly on a shared 2-core machine), one thread is faster.
+    Restores the previous thread count afterwards."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -26,12 +26,7 @@ TEMP = 20.0
 BS = 8
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see conftest.one_thread
 
 
 def _tiny_vit(norm_layer=RmsNorm, seed: int = 0) -> nn.Module:

@@ -40,13 +40,7 @@ def _grid(w: torch.Tensor, bits: int = 4) -> WeightGrid:
     return WeightGrid(s[:, None], z[:, None], bits)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small tensors: OpenMP fork/join dominates on a shared 2-core machine; one thread is faster."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see conftest.one_thread
 
 
 # --------------------------------------------------------------------------- statistics / solves

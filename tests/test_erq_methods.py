@@ -22,13 +22,7 @@ from erq.dual_uniform import DualUniformQuantizer
 IMG = 64
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: OpenMP fork/join dominates (badly so on a shared 2-core machine), one thread is faster."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see conftest.one_thread
 
 
 class _Images:

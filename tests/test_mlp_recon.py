@@ -14,12 +14,7 @@ from aphq.mlp_recon import (MLPReconConfig, mlp_blocks, mlp_recon_config, positi
 from common.tracking import Tracker
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see conftest.one_thread
 
 
 def _tiny_vit(seed: int = 0) -> nn.Module:

@@ -22,13 +22,7 @@ ACT_GRID = [0.999, 0.9999, 0.99999]
 WEIGHT_GRID = [0.97, 0.98, 0.99, 0.995, 0.9995, 0.9997, 0.9999, 0.99995, 0.99999, 1.0]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small tensors: OpenMP fork/join dominates on a shared 2-core machine; one thread is faster."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see conftest.one_thread
 
 
 # --------------------------------------------------------------------------- searches
