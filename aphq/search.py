@@ -381,26 +381,38 @@ class LeftOperandSearch:
     def _rows(t: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
         return t[:, lo:hi] if t.shape[1] > 1 else t
 
+    @staticmethod
+    def _times(q: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+        """q (G, s, c, n, k) @ r (G|1, s|1, k, m) → (G, s, c, n, m) as one (batched) GEMM: candidates are
+        stacked into the rows, so the right operand is never copied per candidate."""
+        g, s, c, n, k = q.shape
+        m = r.shape[-1]
+        if r.shape[1] == 1:  # shared by all samples (a linear's weight)
+            if r.shape[0] == 1:
+                return (q.view(-1, k) @ r[0, 0]).view(g, s, c, n, m)
+            return torch.bmm(q.view(g, s * c * n, k), r[:, 0]).view(g, s, c, n, m)
+        rb = r.expand(g, s, k, m).reshape(g * s, k, m)
+        return torch.bmm(q.view(g * s, c * n, k), rb).view(g, s, c, n, m)
+
     def errors(self, scale: torch.Tensor, zp: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
-        left = self.left[:, lo:hi]  # (G, s, n, k)
+        left = self.left[:, lo:hi, None]  # (G, s, 1, n, k)
         g = left.shape[0]
         per = left[0].numel() * (2 if self.gram else 1 + self.right.shape[-1] // left.shape[-1])
         step = _cand_batch(g * per)
         out = []
         for i in range(0, scale.shape[0], step):
-            s = scale[i:i + step].T[:, :, None, None, None]  # (G, c, 1, 1, 1)
-            z = zp[i:i + step].T[:, :, None, None, None]
-            c = s.shape[1]
+            s = scale[i:i + step].T[:, None, :, None, None]  # (G, 1, c, 1, 1)
+            z = zp[i:i + step].T[:, None, :, None, None]
             if self.gram:
-                d = quant_delta(left[:, None], s, z, self.bits)  # (G, c, s, n, k)
-                v = (d @ self._rows(self.m, lo, hi)[:, None]).add_(self.g2[:, None, lo:hi])
-                e = _dot(d.reshape(g * c, -1), v.reshape(g * c, -1)).reshape(g, c)
+                d = quant_delta(left, s, z, self.bits)  # (G, s, c, n, k)
+                v = self._times(d, self._rows(self.m, lo, hi)).add_(self.g2[:, lo:hi, None])
+                e = torch.linalg.vecdot(d, v).sum((1, 3), dtype=torch.float64)  # (G, c)
                 e += self.base[:, lo:hi].sum(1, keepdim=True)
             else:
-                q = quant_delta(left[:, None], s, z, self.bits, delta=False)
-                o = (q @ self._rows(self.right, lo, hi)[:, None]).sub_(self.target[:, None, lo:hi])
-                o2 = o.reshape(g * c, -1)
-                e = (_dot(o2, o2) if self.metric == "mse" else o2.abs().sum(1, dtype=torch.float64)).reshape(g, c)
+                q = quant_delta(left, s, z, self.bits, delta=False)
+                o = self._times(q, self._rows(self.right, lo, hi)).sub_(self.target[:, lo:hi, None])
+                e = (torch.linalg.vecdot(o, o) if self.metric == "mse" else o.abs().sum(-1)).sum(
+                    (1, 3), dtype=torch.float64)
             out.append(e.T)
         return torch.cat(out)
 
