@@ -81,6 +81,16 @@ def run_py(args: Iterable[str], timeout: float = 300, env: dict[str, str] | None
                           timeout=timeout, env=env or subprocess_env())
 
 
+def run_py_many(jobs: Iterable[Iterable[str]], workers: int = 2, timeout: float = 900,
+                env: dict[str, str] | None = None) -> list[subprocess.CompletedProcess]:
+    """`python run.py ARGS` for every job, at most `workers` at a time (one torch thread each: the suite
+    itself runs on one core, so heavy independent runs use the other one); results in job order."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        return list(pool.map(lambda args: run_py(args, timeout=timeout, env=env), [list(j) for j in jobs]))
+
+
 def last_line(text: str) -> str:
     """The last non-empty line of a stream ('' when there is none)."""
     lines = [ln for ln in text.splitlines() if ln.strip()]

@@ -17,7 +17,7 @@ import torch
 
 from common.pipeline import run
 
-from conftest import compose_cfg, point_at
+from conftest import compose_cfg, point_at, run_py_many
 
 # Short settings (the paper's are 20 000 steps on 1024 / 128 images); random demo weights unless trained ones
 # are asked for, so the plumbing tests do not depend on the bundled checkpoint.
@@ -99,18 +99,46 @@ def test_reconstruction_resumes_after_a_crash(run_cfg, tmp_path, monkeypatch):
     _same(resumed, run(fresh_cfg))
 
 
-@pytest.mark.slow  # 6 demo runs with the default preset (~4 min each for qdrop / aphq on 2 busy cores)
+# Steps per unit (MR and block reconstruction) of the default-suite ordering check. W3A3 separates the methods
+# clearly at 500; W4A4 is nearly saturated on this model (PTQ is 1 point below FP) and needs 1000: at 500 steps
+# QDrop's KL was above PTQ's (0.0449 vs 0.0423). The `slow` test below checks the demo preset (2000 steps).
+SHORT_ORDER_STEPS = {"w3a3": 500, "w4a4": 1000}
+
+
+def _ordering(results: dict[str, dict], run_dir: Path) -> None:
+    kl = {m: r["kl_to_fp"] for m, r in results.items()}
+    top1 = {m: r["quant_top1"] for m, r in results.items()}
+    assert kl["aphq"] < kl["qdrop"] < kl["ptq"], kl
+    assert top1["aphq"] >= top1["qdrop"] >= top1["ptq"], top1
+    metrics = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    mr_top1 = [m["mr_fp_top1"] for m in metrics if "mr_fp_top1" in m]
+    assert mr_top1 and abs(mr_top1[-1] - results["aphq"]["fp_top1"]) <= 2.0  # MR keeps the FP accuracy
+
+
+def test_aphq_beats_qdrop_beats_ptq_on_demo_short(tmp_path):
+    """The trained demo model at W3A3 and W4A4, short iteration counts, seed 0, through `run.py`: KL(fp‖q)
+    ordered aphq < qdrop < ptq and top-1 not lower. Six runs, two at a time (one thread each)."""
+    jobs, dirs = [], {}
+    for bits, steps in SHORT_ORDER_STEPS.items():
+        for method in ("ptq", "qdrop", "aphq"):
+            d = dirs[bits, method] = tmp_path / f"{bits}-{method}"
+            steps_args = [] if method == "ptq" else [f"method.recon.iters={steps}", f"method.mlp_recon.iters={steps}"]
+            jobs.append([f"method={method}", "model=demo", f"bits={bits}", "logger=jsonl", "num_threads=1",
+                         *steps_args, f"hydra.run.dir={d}", f"stages.shared_dir={tmp_path / 'cache'}"])
+    procs = run_py_many(jobs, workers=2)
+    for proc in procs:
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    for bits in SHORT_ORDER_STEPS:
+        results = {m: json.loads((dirs[bits, m] / "results.json").read_text()) for m in ("ptq", "qdrop", "aphq")}
+        _ordering(results, dirs[bits, "aphq"])
+
+
+@pytest.mark.slow  # 6 demo runs with the demo preset (2000 steps; ~3.5 min each for qdrop / aphq on one core)
 @pytest.mark.parametrize("bits", ["w4a4", "w3a3"])
 def test_aphq_beats_qdrop_beats_ptq_on_demo(run_cfg, tmp_path, bits):
     short = ["model=demo", "logger=jsonl", "num_threads=1", f"bits={bits}"]
     res = {m: run(run_cfg([f"method={m}", *short], run_dir=tmp_path / m)) for m in ("ptq", "qdrop", "aphq")}
-    kl = {m: r["kl_to_fp"] for m, r in res.items()}
-    top1 = {m: r["quant_top1"] for m, r in res.items()}
-    assert kl["aphq"] < kl["qdrop"] < kl["ptq"], kl
-    assert top1["aphq"] >= top1["qdrop"] >= top1["ptq"], top1
-    metrics = [json.loads(x) for x in (tmp_path / "aphq" / "metrics.jsonl").read_text().splitlines()]
-    mr_top1 = [m["mr_fp_top1"] for m in metrics if "mr_fp_top1" in m]
-    assert mr_top1 and abs(mr_top1[-1] - res["aphq"]["fp_top1"]) <= 2.0  # MR keeps the FP accuracy
+    _ordering(res, tmp_path / "aphq")
 
 
 def test_method_configs_compose():
