@@ -303,12 +303,32 @@ def _transforms(model: nn.Module, crop_pct: float | None) -> tuple[Callable, Cal
     return eval_tf, train_tf, {k: (list(v) if isinstance(v, tuple) else v) for k, v in dc.items()}
 
 
+EVAL_SUBSETS = ("spread", "first")
+
+
+def eval_subset_indices(available: int, n: int, mode: str = "spread") -> list[int]:
+    """Which of `available` evaluation images (in sorted order) an `n_eval=n` run evaluates.
+
+    "spread" (default): n indices evenly spaced over the whole sorted list, ⌊i·available/n⌋, so a
+    class-folder val set contributes every class in proportion (ImageNet val sorted by wnid: the first
+    n images would be the first n/50 classes only). Seed-independent, so subsets are comparable across
+    runs. "first": the first n (the behaviour before session 2).
+    """
+    if mode not in EVAL_SUBSETS:
+        raise UserError(f"dataset.eval_subset must be one of {', '.join(EVAL_SUBSETS)}, got {mode!r}: "
+                        "fix `dataset.eval_subset=`")
+    if mode == "first":
+        return list(range(n))
+    return [i * available // n for i in range(n)]
+
+
 def build_data(dataset_cfg: Mapping[str, Any], model: nn.Module, seed: int) -> PTQData:
     """Build the calibration source and evaluation set described by a ``dataset`` config node.
 
     Args:
         dataset_cfg: ``name`` (``imagenet`` | ``imagenet_sample`` | ``digits``), ``root``,
-            ``n_calib``, ``n_eval`` (None = all), ``eval_batch_size``, ``num_workers``;
+            ``n_calib``, ``n_eval`` (None = all), ``eval_subset`` (which n_eval images:
+            "spread" evenly over the sorted set, or "first"), ``eval_batch_size``, ``num_workers``;
             ``calib_pool`` (imagenet_sample, default 256); optional ``crop_pct`` overriding
             timm's (e.g. 0.875 for DeiT as RepQ-ViT/ERQ evaluate; None = timm's value).
         model: the FP model; its timm data config gives the transforms.
@@ -344,7 +364,8 @@ def build_data(dataset_cfg: Mapping[str, Any], model: nn.Module, seed: int) -> P
                 f"dataset.n_eval={n_eval} but dataset {name!r} has {n_eval_available} evaluation images: "
                 "lower `dataset.n_eval=` or set it to null for all"
             )
-        data._eval_dataset = torch.utils.data.Subset(data._eval_dataset, range(n_eval))  # type: ignore[arg-type]
+        subset = eval_subset_indices(n_eval_available, n_eval, str(_get(dataset_cfg, "eval_subset", "spread")))
+        data._eval_dataset = torch.utils.data.Subset(data._eval_dataset, subset)  # type: ignore[arg-type]
     data._check_n(n_calib)  # n_calib larger than the source -> UserError now, not mid-run
     data.info.update(
         n_calib=n_calib,

@@ -115,7 +115,8 @@ def test_eval_loader_deterministic(deit) -> None:
     again = list(data.eval_loader())
     assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(batches, again))
     labels = torch.cat([y for _, y in batches]).tolist()
-    expected = [imagenet_wnids().index(p.parent.name) for p in data._eval_dataset.dataset.files[:6]]
+    files = data._eval_dataset.dataset.files
+    expected = [imagenet_wnids().index(files[i * len(files) // 6].parent.name) for i in range(6)]  # spread
     assert labels == expected
 
 
@@ -156,6 +157,26 @@ def test_imagenet_folders(deit, tmp_path) -> None:
     assert data.info["n_eval"] == 6 and data.info["n_calib_available"] == 12
     with pytest.raises(UserError, match=r"13 calibration images requested.*has 12"):
         build_data({**cfg, "n_calib": 13}, deit, seed=0)
+
+    # n_eval: spread over the sorted val set (every class), or the first n (class-biased) on request
+    spread = build_data({**cfg, "n_eval": 3}, deit, seed=3407)
+    assert torch.cat([b for _, b in spread.eval_loader()]).tolist() == [0, 217, 491]
+    first = build_data({**cfg, "n_eval": 3, "eval_subset": "first"}, deit, seed=3407)
+    assert torch.cat([b for _, b in first.eval_loader()]).tolist() == [0, 0, 217]
+    with pytest.raises(UserError, match=r"dataset.eval_subset must be one of spread, first.*dataset.eval_subset="):
+        build_data({**cfg, "n_eval": 3, "eval_subset": "random"}, deit, seed=0)
+
+
+@pytest.mark.parametrize("available,n", [(1000, 1000), (744, 100), (50000, 1000), (400, 7), (5, 1)])
+def test_eval_subset_spread_is_even(available, n) -> None:
+    from common.data import eval_subset_indices
+
+    idx = eval_subset_indices(available, n)
+    assert len(idx) == n == len(set(idx)) and idx == sorted(idx) and 0 == idx[0] and idx[-1] < available
+    gaps = {b - a for a, b in zip(idx, idx[1:])}  # evenly spaced: every gap is ⌊available/n⌋ or ⌈available/n⌉
+    assert gaps <= {available // n, -(-available // n)}
+    if (available, n) == (50000, 1000):  # ImageNet val, 50 per class: one image of every class
+        assert sorted({i // 50 for i in idx}) == list(range(1000))
 
 
 def test_non_imagenet_folder_names_are_numbered_in_sorted_order(deit, tmp_path) -> None:
