@@ -325,3 +325,35 @@ def test_compiled_kernels_match_eager(setup):
                       generator=torch.Generator().manual_seed(3), stop_unit=2, progress=False)
     for (k, va), vb in zip(a.state_dict().items(), b.state_dict().values()):
         torch.testing.assert_close(va, vb, rtol=1e-4, atol=1e-5, msg=k)
+
+
+def test_compile_auto_picks_kernels_for_long_runs_only():
+    from common.block_recon import AUTO_COMPILE_ITERS, _compile_mode
+
+    assert _compile_mode("auto", AUTO_COMPILE_ITERS - 1) is None
+    assert _compile_mode("auto", AUTO_COMPILE_ITERS) == "kernels" == _compile_mode(True, 10)
+    assert _compile_mode(False, 10 ** 6) is None and _compile_mode("unit", 1) == "unit"
+    assert BlockReconConfig().compile == "auto"
+    with pytest.raises(ValueError, match="compile must be"):
+        BlockReconConfig(compile="fast")
+
+
+def test_compiler_failure_falls_back_to_the_eager_kernels(setup, monkeypatch):
+    """No working compiler: a warning, then exactly the eager reconstruction (same seeds, same numbers)."""
+    import common.block_recon as B
+
+    fp, q0, images = setup
+
+    def broken():
+        raise RuntimeError("no C++ compiler")
+
+    monkeypatch.setattr(B, "_compiled_kernels", broken)
+    monkeypatch.setattr(B, "_COMPILE_BROKEN", [])
+    cfg = _cfg(iters=6, eval_stats=False)
+    a, b = copy.deepcopy(q0), copy.deepcopy(q0)
+    reconstruct_model(a, fp, images, cfg, generator=torch.Generator().manual_seed(3), stop_unit=2, progress=False)
+    with pytest.warns(UserWarning, match="torch.compile of the fake-quant kernels failed.*no C\\+\\+ compiler"):
+        reconstruct_model(b, fp, images, BlockReconConfig(**{**cfg.__dict__, "compile": "kernels"}),
+                          generator=torch.Generator().manual_seed(3), stop_unit=2, progress=False)
+    assert _states_equal(a, b)
+    assert B._COMPILE_BROKEN and "no C++ compiler" in B._COMPILE_BROKEN[0]
