@@ -27,8 +27,8 @@ from __future__ import annotations
 import math
 import time
 import warnings
-from dataclasses import asdict, dataclass, fields
-from typing import Any, Mapping
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -36,6 +36,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from common.block_recon import tune_cpu_allocator
+from common.config import dataclass_from
 from common.units import model_units
 
 from .aph import average_perturbation_hessian, strict_fp32
@@ -96,18 +97,7 @@ class MLPReconConfig:
 
 def mlp_recon_config(cfg: Any = None, **overrides) -> MLPReconConfig:
     """MLPReconConfig from a dataclass, dict or DictConfig (+ keyword overrides); unknown keys warn."""
-    if isinstance(cfg, MLPReconConfig):
-        values = asdict(cfg)
-    elif cfg is None:
-        values = {}
-    else:
-        values = dict(cfg.items()) if isinstance(cfg, Mapping) or hasattr(cfg, "items") else dict(vars(cfg))
-    values.update(overrides)
-    known = {f.name for f in fields(MLPReconConfig)}
-    unknown = set(values) - known - _IGNORED_KEYS
-    if unknown:
-        warnings.warn(f"mlp_recon: ignoring unknown config keys {sorted(unknown)}", stacklevel=2)
-    return MLPReconConfig(**{k: v for k, v in values.items() if k in known})
+    return dataclass_from(MLPReconConfig, cfg, _IGNORED_KEYS, "mlp_recon", **overrides)
 
 
 def relu_swap(model: nn.Module) -> nn.Module:

@@ -38,7 +38,7 @@ from __future__ import annotations
 import math
 import time
 import warnings
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
 import torch
@@ -47,6 +47,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .adaround import attach_adaround, beta_schedule, finalize_adaround
+from .config import dataclass_from
 from .quant.quantizers import UniformQuantizer, quantizers_of
 from .units import Unit, model_units
 
@@ -147,18 +148,7 @@ def _compile_mode(value: bool | str, iters: int | None = None) -> str | None:
 
 def block_recon_config(cfg: Any = None, **overrides) -> BlockReconConfig:
     """BlockReconConfig from a dataclass, dict or DictConfig (+ keyword overrides); unknown keys warn."""
-    if isinstance(cfg, BlockReconConfig):
-        values = asdict(cfg)
-    elif cfg is None:
-        values = {}
-    else:
-        values = dict(cfg.items()) if isinstance(cfg, Mapping) or hasattr(cfg, "items") else dict(vars(cfg))
-    values.update(overrides)
-    known = {f.name for f in fields(BlockReconConfig)}
-    unknown = set(values) - known - _IGNORED_KEYS
-    if unknown:
-        warnings.warn(f"block_recon: ignoring unknown config keys {sorted(unknown)}", stacklevel=2)
-    return BlockReconConfig(**{k: v for k, v in values.items() if k in known})
+    return dataclass_from(BlockReconConfig, cfg, _IGNORED_KEYS, "block_recon", **overrides)
 
 
 # --------------------------------------------------------------------------- losses
@@ -302,17 +292,16 @@ class _FakeQuantSTE(torch.autograd.Function):
     def forward(ctx, x, scale, zp, qmax: float, keep, compiled: bool = False):
         need_x, need_s = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         compiled = compiled and not _COMPILE_BROKEN
-        ctx.scale_shape, ctx.dims = scale.shape, _broadcast_dims(x.shape, scale.shape)
+        ctx.scale_shape, ctx.compiled = scale.shape, False
         if compiled:
             try:
                 y, pass_x, t = _compiled_kernels()[0](x, scale, zp, keep, qmax, need_x, need_s)
             except Exception as err:  # noqa: BLE001 - any compiler failure: same maths eagerly
                 _compile_failed(err)
-                compiled = False
-        ctx.compiled = compiled
-        if compiled:
-            ctx.save_for_backward(pass_x, t)
-            return y
+            else:
+                ctx.compiled, ctx.dims = True, _broadcast_dims(x.shape, scale.shape)
+                ctx.save_for_backward(pass_x, t)
+                return y
         v = x / scale
         c = torch.round(v).add_(zp)
         u = c.clamp(0, qmax)

@@ -2,7 +2,10 @@
 from __future__ import annotations
 
 import random
+import warnings
+from dataclasses import asdict, fields, is_dataclass
 from pathlib import Path
+from typing import Any, Iterable, Mapping, TypeVar
 
 import numpy as np
 import torch
@@ -11,12 +14,35 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from .errors import UserError
 
 __all__ = ["CONF_DIR", "PROJECT_ROOT", "ASSETS", "register_resolvers", "validate", "resolve_dataset",
-           "seed_everything", "select_device", "set_precision", "check_group_choice"]
+           "seed_everything", "select_device", "set_precision", "check_group_choice", "dataclass_from"]
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 CONF_DIR = PROJECT_ROOT / "conf"
 ASSETS = Path(__file__).resolve().parent / "assets"
 GROUPS = ("model", "bits", "method", "dataset", "logger", "launcher", "experiment")
+
+_D = TypeVar("_D")
+
+
+def dataclass_from(cls: type[_D], cfg: Any = None, ignored: Iterable[str] = (), label: str = "",
+                   **overrides: Any) -> _D:
+    """A settings dataclass `cls` from an instance, dict, DictConfig or namespace (+ keyword overrides).
+
+    Keys that are neither fields of `cls` nor in `ignored` (config keys read elsewhere) trigger one
+    warning naming them, so a typo in a config node does not pass silently.
+    """
+    if is_dataclass(cfg) and isinstance(cfg, cls):
+        values = asdict(cfg)
+    elif cfg is None:
+        values = {}
+    else:
+        values = dict(cfg.items()) if isinstance(cfg, Mapping) or hasattr(cfg, "items") else dict(vars(cfg))
+    values.update(overrides)
+    known = {f.name for f in fields(cls)}
+    unknown = set(values) - known - set(ignored)
+    if unknown:
+        warnings.warn(f"{label or cls.__name__}: ignoring unknown config keys {sorted(unknown)}", stacklevel=3)
+    return cls(**{k: v for k, v in values.items() if k in known})
 
 
 def register_resolvers() -> None:
