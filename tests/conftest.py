@@ -9,6 +9,7 @@
 """
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -89,6 +90,40 @@ def run_py_many(jobs: Iterable[Iterable[str]], workers: int = 2, timeout: float 
 
     with ThreadPoolExecutor(max_workers=workers) as pool:
         return list(pool.map(lambda args: run_py(args, timeout=timeout, env=env), [list(j) for j in jobs]))
+
+
+def perturbed_timm(name: str, seed: int = 0, **kwargs) -> torch.nn.Module:
+    """A random-weight timm model (eval mode) whose every parameter gets N(0, 0.02²) noise: timm initialises
+    biases and norms to constants, which would hide loading or layout mistakes."""
+    import timm
+
+    torch.manual_seed(seed)
+    model = timm.create_model(name, pretrained=False, **kwargs).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    return model
+
+
+def tiny_vit(seed: int = 0) -> torch.nn.Module:
+    """A 2-block, 16-dim timm ViT on 16x16 images with 5 classes and a large-variance head (so logits and
+    losses are far from zero): the reconstruction engines' test model."""
+    import timm
+
+    torch.manual_seed(seed)
+    m = timm.create_model("vit_tiny_patch16_224", img_size=16, patch_size=8, embed_dim=16, depth=2, num_heads=2,
+                          num_classes=5).eval()
+    with torch.no_grad():
+        m.head.weight.normal_(0, 1.0)
+    return m
+
+
+def read_jsonl(path: Path, missing_ok: bool = False) -> list[dict]:
+    """The records of a JSON-lines file (metrics.jsonl, events.jsonl), blank lines skipped; a missing file
+    raises unless `missing_ok` (then no records)."""
+    if missing_ok and not Path(path).is_file():
+        return []
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
 
 def last_line(text: str) -> str:

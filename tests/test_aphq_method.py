@@ -17,7 +17,7 @@ import torch
 
 from common.pipeline import run
 
-from conftest import compose_cfg, point_at, run_py_many
+from conftest import compose_cfg, point_at, read_jsonl, run_py_many
 
 # Short settings (the paper's are 20 000 steps on 1024 / 128 images); random demo weights unless trained ones
 # are asked for, so the plumbing tests do not depend on the bundled checkpoint.
@@ -29,9 +29,8 @@ KEYS = ("quant_top1", "kl_to_fp", "top1_agreement")
 
 
 def _events(run_dir: Path) -> list[tuple[str, str]]:
-    path = run_dir / "stages" / "events.jsonl"
-    lines = path.read_text().splitlines() if path.is_file() else []
-    return [(e["stage"], e["event"]) for e in map(json.loads, lines) if e["stage"].startswith("aphq_")]
+    events = read_jsonl(run_dir / "stages" / "events.jsonl", missing_ok=True)
+    return [(e["stage"], e["event"]) for e in events if e["stage"].startswith("aphq_")]
 
 
 def _same(a: dict, b: dict) -> None:
@@ -45,7 +44,7 @@ def test_stages_are_reused_and_loadable(run_cfg, tmp_path):
     assert _events(tmp_path / "a") == [("aphq_mlp_recon", "computed"), ("aphq_calibrate", "computed"),
                                        ("aphq_reconstruct", "computed")]
     assert {"aphq_mlp_recon", "aphq_calibrate", "aphq_reconstruct"} <= set(r1["timings"])
-    metrics = [json.loads(x) for x in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    metrics = read_jsonl(tmp_path / "a" / "metrics.jsonl")
     assert any(m.get("curve", "").startswith("recon/blocks.") for m in metrics)  # per-unit loss curves
     assert any(m.get("curve", "").startswith("mr/blocks.") for m in metrics)
     assert any("mr_fp_top1" in m for m in metrics) and any("calib_top1" in m for m in metrics)
@@ -91,7 +90,7 @@ def test_reconstruction_resumes_after_a_crash(run_cfg, tmp_path, monkeypatch):
     assert list((tmp_path / "stage_cache").glob("aphq_reconstruct-*.partial.pt"))
     monkeypatch.setattr(M, "reconstruct_model", real)
     resumed = run(run_cfg(base, run_dir=tmp_path / "resumed"))
-    metrics = [json.loads(x) for x in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
+    metrics = read_jsonl(tmp_path / "resumed" / "metrics.jsonl")
     assert [m["next_unit"] for m in metrics if m.get("event") == "aphq_reconstruct_resumed"] == [2]
     assert not list((tmp_path / "stage_cache").glob("aphq_reconstruct-*.partial.pt"))  # cleaned up
 
@@ -110,7 +109,7 @@ def _ordering(results: dict[str, dict], run_dir: Path) -> None:
     top1 = {m: r["quant_top1"] for m, r in results.items()}
     assert kl["aphq"] < kl["qdrop"] < kl["ptq"], kl
     assert top1["aphq"] >= top1["qdrop"] >= top1["ptq"], top1
-    metrics = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    metrics = read_jsonl(run_dir / "metrics.jsonl")
     mr_top1 = [m["mr_fp_top1"] for m in metrics if "mr_fp_top1" in m]
     assert mr_top1 and abs(mr_top1[-1] - results["aphq"]["fp_top1"]) <= 2.0  # MR keeps the FP accuracy
 

@@ -12,29 +12,19 @@ import json
 import math
 from pathlib import Path
 
-import timm
 import torch
 
 from common.pipeline import run
 
-from conftest import compose_cfg, run_py
+from conftest import compose_cfg, perturbed_timm, read_jsonl, run_py
 
 SHORT = ["dataset.n_eval=16", "num_threads=1", "logger=jsonl",
          "method.mlp_recon.n_images=8", "method.mlp_recon.iters=3", "method.mlp_recon.log_every=1",
          "method.calib.n_images=4", "method.recon.n_images=8", "method.recon.iters=3", "method.recon.log_every=1"]
 
 
-def _perturbed(name: str, **kwargs) -> torch.nn.Module:
-    torch.manual_seed(0)
-    model = timm.create_model(name, pretrained=False, **kwargs).eval()
-    with torch.no_grad():  # non-trivial norms and biases (timm initialises them to constants)
-        for p in model.parameters():
-            p.add_(0.02 * torch.randn_like(p))
-    return model
-
-
 def test_run_py_aphq_deit_s_from_checkpoint(tmp_path):
-    source = _perturbed("deit_small_patch16_224", depth=1)
+    source = perturbed_timm("deit_small_patch16_224", depth=1)
     ckpt = tmp_path / "deit_small_depth1.pth"
     torch.save({"model": source.state_dict()}, ckpt)  # the DeiT release layout
     run_dir = tmp_path / "run"
@@ -46,11 +36,11 @@ def test_run_py_aphq_deit_s_from_checkpoint(tmp_path):
     assert (res["model"], res["method"], res["bits"], res["dataset"]) == ("deit_s", "aphq", "w4a4", "imagenet_sample")
     assert res["n_eval"] == 16 and math.isfinite(res["kl_to_fp"]) and res["kl_to_fp"] >= 0
 
-    events = [json.loads(x) for x in (run_dir / "stages" / "events.jsonl").read_text().splitlines()]
+    events = read_jsonl(run_dir / "stages" / "events.jsonl")
     computed = [e["stage"] for e in events if e["event"] == "computed"]
     assert [s for s in computed if s.startswith("aphq_")] == ["aphq_mlp_recon", "aphq_calibrate", "aphq_reconstruct"]
 
-    metrics = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    metrics = read_jsonl(run_dir / "metrics.jsonl")
     curves = {m["curve"] for m in metrics if "curve" in m}
     assert {"mr/blocks.0", "recon/patch_embed", "recon/blocks.0", "recon/head"} <= curves
 
@@ -78,7 +68,7 @@ def test_aphq_on_swin_through_the_pipeline(run_cfg):
                    *SHORT])
     res = run(cfg)
     assert res["method"] == "aphq" and math.isfinite(res["kl_to_fp"])
-    metrics = [json.loads(x) for x in (Path(cfg.run_dir) / "metrics.jsonl").read_text().splitlines()]
+    metrics = read_jsonl(Path(cfg.run_dir) / "metrics.jsonl")
     curves = {m["curve"] for m in metrics if "curve" in m}
     # window-attention blocks, the patch-merging units between stages and the head are all reconstructed
     assert {"recon/patch_embed", "recon/layers.0.blocks.0", "recon/layers.1.downsample", "recon/layers.3.blocks.0",

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import copy
-import json
 
 import pytest
 import timm
@@ -25,16 +24,9 @@ from common.units import model_units
 N, BS = 32, 8
 
 
+from conftest import read_jsonl, tiny_vit  # noqa: E402
+
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see conftest.one_thread
-
-
-def _tiny_vit(seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    m = timm.create_model("vit_tiny_patch16_224", img_size=16, patch_size=8, embed_dim=16, depth=2, num_heads=2,
-                          num_classes=5).eval()
-    with torch.no_grad():
-        m.head.weight.normal_(0, 1.0)
-    return m
 
 
 @torch.no_grad()
@@ -66,7 +58,7 @@ def _minmax_calibrated(fp: nn.Module, images: torch.Tensor, bits: int = 3) -> nn
 @pytest.fixture(scope="module")
 def setup():
     images = torch.randn(N, 3, 16, 16, generator=torch.Generator().manual_seed(0))
-    fp = _tiny_vit()
+    fp = tiny_vit()
     q = _minmax_calibrated(fp, images)
     return fp, q, images
 
@@ -104,7 +96,7 @@ def test_each_unit_lowers_its_objective(setup, metric, tmp_path):
         assert not getattr(qz, "ste", False) and getattr(qz, "drop_prob", 1.0) == 1.0
     assert {n: m.training for n, m in q.named_modules()} == training
     assert all(p.requires_grad for p in q.parameters())
-    recs = [json.loads(line) for line in tracker.path.read_text().splitlines()]
+    recs = read_jsonl(tracker.path)
     steps = [r["step"] for r in recs if r.get("curve") == "recon/blocks.0"]
     assert steps == [1, 20, 40, 60, 80, 100, 120, 140, 150]
     assert {"loss", "rec", "rec_raw", "round"} <= set(recs[-1])

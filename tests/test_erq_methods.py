@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import copy
-import json
 from pathlib import Path
 
 import pytest
@@ -16,7 +15,7 @@ from common.quant.quantizers import Quantizer, quant_state, quantizers_of
 from common.quant.wrap import quant_layers
 from common.stages import StageCache
 from common.tracking import Tracker
-from conftest import compose_cfg
+from conftest import compose_cfg, read_jsonl
 from erq.dual_uniform import DualUniformQuantizer
 
 IMG = 64
@@ -107,7 +106,7 @@ def test_erq_reduces_layer_and_output_error(tmp_path):
     model, images = _tiny("vit"), _images()
     full, _ = _method("erq", tmp_path / "full", ["method.diagnostics=true"], bits="w3a4")
     q_full = full.quantize(copy.deepcopy(model), _Images(images))
-    records = [json.loads(line) for line in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
+    records = read_jsonl(tmp_path / "full" / "metrics.jsonl")
     layers = [r for r in records if r.get("event") == "erq_layer" and "wqer_err" in r]
     assert len(layers) == 1 + 2 * 4 + 1  # patch embed, 2 blocks x 4 linears, head
     assert all(r["wqer_err"] <= r["rtn_err"] for r in layers), layers
@@ -144,7 +143,7 @@ def test_erq_resumes_from_stage_cache(tmp_path):
     q1 = first.quantize(copy.deepcopy(model), _Images(images))
     second, _ = _method("erq", tmp_path, reuse=True)
     q2 = second.quantize(copy.deepcopy(model), _Images(images))
-    events = [json.loads(line) for line in (tmp_path / "stages" / "events.jsonl").read_text().splitlines()]
+    events = read_jsonl(tmp_path / "stages" / "events.jsonl")
     assert [e["event"] for e in events if e["stage"] == "erq_reduce"][-1] == "loaded"
     s1, s2 = q1.state_dict(), q2.state_dict()
     assert s1.keys() == s2.keys() and all(torch.equal(s1[k], s2[k]) for k in s1)

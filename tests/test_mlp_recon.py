@@ -14,16 +14,9 @@ from aphq.mlp_recon import (MLPReconConfig, mlp_blocks, mlp_recon_config, positi
 from common.tracking import Tracker
 
 
+from conftest import tiny_vit  # noqa: E402
+
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see conftest.one_thread
-
-
-def _tiny_vit(seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    m = timm.create_model("vit_tiny_patch16_224", img_size=16, patch_size=8, embed_dim=16, depth=2, num_heads=2,
-                          num_classes=5).eval()
-    with torch.no_grad():
-        m.head.weight.normal_(0, 1.0)
-    return m
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +25,7 @@ def images() -> torch.Tensor:
 
 
 def test_relu_swap_replaces_every_block_mlp_activation():
-    m = relu_swap(_tiny_vit())
+    m = relu_swap(tiny_vit())
     assert all(isinstance(b.mlp.act, nn.ReLU) for b in m.blocks)
     act = m.blocks[0].mlp.act
     relu_swap(m)
@@ -68,7 +61,7 @@ def test_config_from_mapping_warns_on_unknown_keys():
 
 @pytest.mark.parametrize("metric", ["hessian_perturb", "mse"])
 def test_reconstruction_lowers_its_objective(images, metric, tmp_path):
-    fp = _tiny_vit()
+    fp = tiny_vit()
     fp_state = copy.deepcopy(fp.state_dict())
     model = copy.deepcopy(fp)
     tracker = Tracker(tmp_path)
@@ -91,7 +84,7 @@ def test_reconstruction_lowers_its_objective(images, metric, tmp_path):
 
 
 def test_same_generator_same_result(images):
-    fp = _tiny_vit()
+    fp = tiny_vit()
     cfg = {"iters": 20, "batch_size": 8, "metric": "mse", "eval_batch_size": 16}
     a, b = copy.deepcopy(fp), copy.deepcopy(fp)
     reconstruct_mlps(a, fp, images, cfg, generator=torch.Generator().manual_seed(5), progress=False)

@@ -14,7 +14,7 @@ import timm
 import torch
 
 from common.pipeline import run
-from conftest import DEMO_WEIGHTS, compose_cfg, last_line, point_at, run_py
+from conftest import DEMO_WEIGHTS, compose_cfg, last_line, perturbed_timm, point_at, read_jsonl, run_py
 
 REQUIRED = ("model", "method", "bits", "dataset", "n_calib", "n_eval", "fp_top1", "fp_top5", "quant_top1",
             "quant_top5", "top1_agreement", "kl_to_fp", "timings", "seed")
@@ -23,11 +23,11 @@ DIGITS_TEST = 400  # size of the digits test split (common/digits.py)
 
 
 def _events(run_dir: Path) -> list[dict]:
-    return [json.loads(ln) for ln in (run_dir / "stages" / "events.jsonl").read_text().splitlines() if ln.strip()]
+    return read_jsonl(run_dir / "stages" / "events.jsonl")
 
 
 def _records(run_dir: Path) -> list[dict]:
-    return [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines() if ln.strip()]
+    return read_jsonl(run_dir / "metrics.jsonl")
 
 
 def _numbers(r: dict) -> dict:
@@ -170,11 +170,7 @@ def test_deit_checkpoint_round_trip(run_cfg, tmp_path) -> None:
     from common.data import build_data
     from common.evaluate import predict
 
-    torch.manual_seed(0)
-    source = timm.create_model("deit_tiny_patch16_224", pretrained=False, depth=1).eval()
-    with torch.no_grad():  # non-trivial biases / norms (timm initialises them to constants)
-        for p in source.parameters():
-            p.add_(0.02 * torch.randn_like(p))
+    source = perturbed_timm("deit_tiny_patch16_224", depth=1)
     ckpt = tmp_path / "deit_t_depth1.pth"
     torch.save({"model": source.state_dict()}, ckpt)  # the DeiT release layout
 

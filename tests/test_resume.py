@@ -11,11 +11,13 @@ import time
 from collections import Counter
 from pathlib import Path
 
+from conftest import read_jsonl
+
 REPO = Path(__file__).resolve().parents[1]
 
 
 def _records(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+    return read_jsonl(path, missing_ok=True)
 
 
 def test_killed_run_resumes_in_same_dir(tmp_path: Path) -> None:

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import read_jsonl
+
 pytestmark = pytest.mark.slurm
 REPO = Path(__file__).resolve().parents[1]
 # Resources that fit a 2-core CI box whatever conf/local/ says; time_min >= 15 so that submitit treats
@@ -56,7 +58,7 @@ def slurm() -> dict[str, str]:
 
 
 def _records(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+    return read_jsonl(path, missing_ok=True)
 
 
 def test_sweep_and_report(slurm: dict[str, str], tmp_path: Path) -> None:

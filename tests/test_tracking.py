@@ -2,7 +2,6 @@
 evidence), W&B naming from the Hydra job, the W&B calls a fake run receives, and WANDB_MODE=disabled."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +10,7 @@ from omegaconf import OmegaConf
 
 from common import tracking
 from common.tracking import Tracker, build_tracker, flatten, job_name, wandb_identity
+from conftest import read_jsonl
 
 
 def _cfg(logger: dict[str, Any] | None = None):
@@ -19,7 +19,7 @@ def _cfg(logger: dict[str, Any] | None = None):
 
 
 def _records(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return read_jsonl(run_dir / "metrics.jsonl")
 
 
 class FakeRun:

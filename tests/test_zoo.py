@@ -20,6 +20,8 @@ from common import zoo
 from common.errors import UserError
 from common.zoo import MODEL_ZOO, ModelSpec, build_model, data_config
 
+from conftest import perturbed_timm
+
 REPO = Path(__file__).resolve().parents[1]
 TINY = {"depth": 1}  # one block: the real architecture at test speed
 
@@ -40,12 +42,7 @@ def _cfg(name: str = "deit_t", checkpoint: str | Path | None = None, pretrained:
 @pytest.fixture(scope="module")
 def source() -> torch.nn.Module:
     """A randomly initialised one-block DeiT-Tiny whose weights the checkpoints carry."""
-    torch.manual_seed(0)
-    model = timm.create_model("deit_tiny_patch16_224", pretrained=False, depth=1).eval()
-    with torch.no_grad():  # make every parameter non-trivial (timm inits biases/LN to constants)
-        for p in model.parameters():
-            p.add_(0.02 * torch.randn_like(p))
-    return model
+    return perturbed_timm("deit_tiny_patch16_224", depth=1)
 
 
 @pytest.fixture(scope="module")
