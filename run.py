@@ -1,4 +1,4 @@
-"""Launcher for every experiment: a thin `@hydra.main` over `common.pipeline.run`.
+"""Launcher for every experiment: a thin `@hydra.main` over `common.run.pipeline.run`.
 
     python run.py                                   # embedded demo (digits ViT), default method
     python run.py method=aphq model=deit_s bits=w4a4 model.checkpoint=/path/deit_small.pth
@@ -12,7 +12,7 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from common.config import GROUPS, check_group_choice, register_resolvers
+from common.run.config import GROUPS, check_group_choice, register_resolvers
 from common.errors import UserError
 
 
@@ -32,7 +32,7 @@ register_resolvers()
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> float:
-    from common.pipeline import run
+    from common.run.pipeline import run
 
     try:
         return float(run(cfg)["quant_top1"])

@@ -1,6 +1,6 @@
 """APHQ-ViT (CVPR 2025) and its BRECQ / QDrop baselines on the common fake-quant core.
 
-Importing the package registers the `aphq` method (`common.methods.register_method`); the
+Importing the package registers the `aphq` method (`common.run.registry.register_method`); the
 baselines are configs of the same class (conf/method/{brecq,brecq_qinp,qdrop,aphq_*}.yaml).
 Modules: `search` (candidate grids, quantiles, exact fast argmins), `calibrate` (calibration
 search + LayerNorm reparameterization), `aph` (Average Perturbation Hessian), `mlp_recon` (MLP

@@ -48,7 +48,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from common.quant.quantizers import quantizers_of
-from common.units import Unit, model_units, run_units
+from common.models.units import Unit, model_units, run_units
 
 __all__ = ["average_perturbation_hessian", "brecq_fisher", "brecq_fisher_weights", "fp_logits", "strict_fp32",
            "kl_batchmean"]
@@ -230,7 +230,7 @@ def average_perturbation_hessian(fp_model: nn.Module, images: torch.Tensor, unit
     Args:
         fp_model: the FP teacher (a timm ViT/DeiT/Swin, not wrapped); left unchanged.
         images: the calibration images (N, C, H, W), in the order batches are formed.
-        unit_names: unit names (see `common.units.model_units`; `head` is skipped, the reference's head
+        unit_names: unit names (see `common.models.units.model_units`; `head` is skipped, the reference's head
             APH is ≈0 and unused) and/or names of modules inside a unit (e.g. ``blocks.3.mlp`` for MLP
             reconstruction): the perturbation is added to that module's output.
         eps, temp: perturbation size and KL temperature (1e-6, 20).
@@ -316,7 +316,7 @@ def brecq_fisher(units: Sequence[Unit], unit_index: int, q_input: torch.Tensor, 
 
 def brecq_fisher_weights(qmodel: nn.Module, fp_logits_all: torch.Tensor, temp: float = 20.0,
                          batch_size: int = 32) -> Callable[[str, torch.Tensor, torch.Tensor], torch.Tensor | None]:
-    """A `weights` callable for `common.block_recon.reconstruct_model` with metric `hessian_brecq`.
+    """A `weights` callable for `common.recon.block.reconstruct_model` with metric `hessian_brecq`.
 
     It is called as weights(unit_name, quantized_input, fp_input) right before a unit is trained and
     returns `brecq_fisher` for that unit (None for `head`, which trains on KL).

@@ -2,7 +2,7 @@
 
 Every module is calibrated on FP activations of the (MLP-reconstructed, reparameterized) model, as
 in the reference, but instead of one whole-model forward per module the model is walked unit by
-unit (`common.calibration.iter_unit_inputs`) and one unit forward captures the inputs and outputs of
+unit (`common.calib.capture.iter_unit_inputs`) and one unit forward captures the inputs and outputs of
 all its quant layers (`capture_io`). Per module:
 
 * Linear (qkv, proj, fc1, fc2, head, Swin reduction): per-row weight and per-tensor input candidates
@@ -10,7 +10,7 @@ all its quant layers (`capture_io`). Per module:
   "weight search on the layer output with the input quantized" / "input search on the output with
   the weights quantized" (`calib_metric` mse or mae). For qkv / fc1 / reduction the input is first
   searched per channel (self-MSE), folded into the preceding LayerNorm (RepQ-ViT reparameterization
-  with a rounded mean zero-point, `common.reparam`), and the full per-tensor search is run on the
+  with a rounded mean zero-point, `common.calib.reparam`), and the full per-tensor search is run on the
   transformed input and the new weight (spec §2.5). The reference does this only when a_bit == w_bit
   (`reparam_requires_equal_bits`, default on to be faithful).
 * Attention matmuls, per head: 129 linear (upper, lower) range candidates between the 0.99/0.99999
@@ -39,13 +39,13 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from common.calibration import batched, capture_io, iter_unit_inputs
+from common.calib.capture import batched, capture_io, iter_unit_inputs
 from common.quant import QuantConv2d, QuantLinear, QuantMatMul, UniformQuantizer, quant_state
 from common.quant.granularity import Granularity, PerAxis, PerTensor, PerToken
 from common.quant.primitives import fake_quant_affine
 from common.quant.wrap import quant_layers
-from common.reparam import reparameterize_layernorm
-from common.units import model_units
+from common.calib.reparam import reparameterize_layernorm
+from common.models.units import model_units
 
 from .search import (GridCandidates, LeftOperandSearch, activation_grid, conv_percentiles, matmul_bounds,
                      pair_qparams, pruned_argmin, sample_chunks, self_errors, weight_grid, weight_output_errors)

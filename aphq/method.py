@@ -9,7 +9,7 @@ One class, three cached stages (the reference's three checkpoints, aphq spec §1
    input) and APHQ's calibration search with LayerNorm reparameterization (`aphq.calibrate`).
 3. ``aphq_reconstruct`` (if `recon.enabled`): block reconstruction of every unit with AdaRound,
    learned activation scales, QDrop and the Average Perturbation Hessian loss
-   (`common.block_recon`, `aphq.aph`); a checkpoint is written after every unit so a killed run
+   (`common.recon.block`, `aphq.aph`); a checkpoint is written after every unit so a killed run
    resumes mid-way.
 
 Each stage is keyed on exactly the config it depends on plus the upstream stage's signature, so a
@@ -40,14 +40,14 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
-from common.block_recon import block_recon_config, reconstruct_model
-from common.evaluate import predict, topk_accuracy
-from common.methods import PTQMethod, register_method, scheme_from_bits
+from common.recon.block import block_recon_config, reconstruct_model
+from common.run.evaluate import predict, topk_accuracy
+from common.run.registry import PTQMethod, register_method, scheme_from_bits
 from common.quant.modules import QuantLinear
 from common.quant.quantizers import UniformQuantizer, quantizers_of
 from common.quant.wrap import wrap_model
-from common.stages import signature
-from common.units import model_units
+from common.run.stages import signature
+from common.models.units import model_units
 
 from .aph import average_perturbation_hessian, brecq_fisher_weights, fp_logits
 from .calibrate import LN_SITES, CalibConfig, calibrate_model, granularity_of_scale, reparam_active

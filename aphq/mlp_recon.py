@@ -35,9 +35,9 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from common.block_recon import tune_cpu_allocator
-from common.config import dataclass_from
-from common.units import model_units
+from common.recon.block import tune_cpu_allocator
+from common.settings import dataclass_from
+from common.models.units import model_units
 
 from .aph import average_perturbation_hessian, strict_fp32
 
@@ -67,7 +67,7 @@ class MLPReconConfig:
         eval_batch_size: batch for computing data and the before/after objective.
         sparse_clip: compute fc2(clamp(h, 0, ub)) as fc2(h) − relu(h − ub)·W2ᵀ on the entries above ub
             only (same maths, ~1/3 fewer GEMM FLOPs per step); False: both fc2 products densely.
-        tune_allocator: on CPU, `common.block_recon.tune_cpu_allocator` (allocation policy only).
+        tune_allocator: on CPU, `common.recon.block.tune_cpu_allocator` (allocation policy only).
     """
 
     iters: int = 20000
@@ -240,7 +240,7 @@ def reconstruct_mlps(model: nn.Module, fp_model: nn.Module, images: torch.Tensor
         fp_model: the FP GELU teacher (unchanged).
         images: the MR images (the reference: 1024 augmented train images).
         cfg: MLPReconConfig, dict or DictConfig (see `MLPReconConfig`; `enabled` etc. are ignored).
-        tracker: `common.tracking.Tracker`; the loss is logged as curve ``mr/<block>`` every
+        tracker: `common.run.tracking.Tracker`; the loss is logged as curve ``mr/<block>`` every
             `log_every` steps (and at the first and last step).
         device: where data and training live.
         generator: CPU generator for `randperm` sampling (default: seeded with `cfg.seed`).

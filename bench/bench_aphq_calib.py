@@ -33,11 +33,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from aphq.aph import average_perturbation_hessian  # noqa: E402
 from aphq.calibrate import LN_SITES, CalibConfig, calibrate_model  # noqa: E402
 from aphq.mlp_recon import reconstruct_mlps  # noqa: E402
-from common.block_recon import reconstruct_model  # noqa: E402
+from common.recon.block import reconstruct_model  # noqa: E402
 from common.quant.scheme import QuantScheme  # noqa: E402
 from common.quant.wrap import wrap_model  # noqa: E402
-from common.units import model_units  # noqa: E402
-from common.zoo import MODEL_ZOO, build_model  # noqa: E402
+from common.models.units import model_units  # noqa: E402
+from common.models.zoo import build_model  # noqa: E402
+from common.run.config import group_options, model_node  # noqa: E402
 
 MiB = 1024 ** 2
 
@@ -82,10 +83,8 @@ def aphq_scheme(bits: int) -> QuantScheme:
 
 
 def fp_model(name: str) -> torch.nn.Module:
-    spec = MODEL_ZOO[name]
     torch.manual_seed(0)
-    return build_model({"name": name, "timm_name": spec.timm_name, "family": spec.family, "checkpoint": None,
-                        "pretrained": False, "kwargs": {}}).eval()
+    return build_model(model_node(name, checkpoint=None, pretrained=False)).eval()
 
 
 def images(n: int, model: torch.nn.Module, seed: int) -> torch.Tensor:
@@ -147,7 +146,7 @@ def _cpu_estimate(stage: dict, key: str) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--models", nargs="+", default=["deit_t", "deit_s"], choices=sorted(MODEL_ZOO))
+    p.add_argument("--models", nargs="+", default=["deit_t", "deit_s"], choices=group_options("model"))
     p.add_argument("--images", type=int, default=128, help="calibration images (reference: 128)")
     p.add_argument("--bits", type=int, default=4)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")

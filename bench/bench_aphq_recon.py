@@ -38,16 +38,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from aphq.aph import average_perturbation_hessian  # noqa: E402
 from aphq.mlp_recon import _loss, _mlp_forward, positive_quantile, reconstruct_mlps  # noqa: E402
-from common.adaround import AdaRoundQuantizer, attach_adaround, beta_schedule  # noqa: E402
-from common.block_recon import reconstruct_model  # noqa: E402
-from common.calibration import capture_io, reduce_minmax  # noqa: E402
+from common.recon.adaround import AdaRoundQuantizer, attach_adaround, beta_schedule  # noqa: E402
+from common.recon.block import reconstruct_model  # noqa: E402
+from common.calib.capture import capture_io, reduce_minmax  # noqa: E402
 from common.quant import UniformQuantizer  # noqa: E402
 from common.quant.modules import QuantMatMul  # noqa: E402
 from common.quant.primitives import qparams_from_range  # noqa: E402
 from common.quant.quantizers import quant_state, quantizers_of  # noqa: E402
 from common.quant.scheme import QuantScheme  # noqa: E402
 from common.quant.wrap import quant_layers, wrap_model  # noqa: E402
-from common.units import model_units, run_units  # noqa: E402
+from common.models.units import model_units, run_units  # noqa: E402
 
 TIMM = {"deit_t": "deit_tiny_patch16_224", "deit_s": "deit_small_patch16_224", "deit_b": "deit_base_patch16_224"}
 REFERENCE = {"block_step": 0.64, "mr_step": 0.19, "aph_per_image_unit": 0.2}  # issue #4, 2-core CPU, DeiT-T

@@ -28,10 +28,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common.config import CONF_DIR  # noqa: E402
-from common.methods import RunContext, get_method  # noqa: E402
-from common.tracking import Tracker  # noqa: E402
-from common.zoo import MODEL_ZOO, build_model  # noqa: E402
+from common.run.config import CONF_DIR, model_node  # noqa: E402
+from common.run.registry import RunContext, get_method  # noqa: E402
+from common.run.tracking import Tracker  # noqa: E402
+from common.models.zoo import build_model  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
 GiB = 1024 ** 3
@@ -95,8 +95,7 @@ def bench(model_name: str, method: str, bits: str, n_calib: int, overrides: list
     for item in overrides:
         key, value = item.split("=", 1)
         OmegaConf.update(cfg, key, _yaml(value), merge=True)
-    spec = MODEL_ZOO[model_name]
-    model = build_model({"name": model_name, "timm_name": spec.timm_name, "pretrained": False})
+    model = build_model(model_node(model_name, checkpoint=None, pretrained=False))
     size = model.default_cfg["input_size"][-1]
     images = torch.randn(n_calib, 3, size, size, generator=torch.Generator().manual_seed(0))
 

@@ -20,7 +20,7 @@ from typing import Sequence
 
 import torch
 
-from common.percentile_search import search_uniform_percentile
+from common.calib.percentile import search_uniform_percentile
 from common.quant.primitives import fake_quant_affine
 from common.quant.quantizers import Quantizer
 

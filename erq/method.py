@@ -22,12 +22,12 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from common.calibration import batched
-from common.methods import register_method
+from common.calib.capture import batched
+from common.run.registry import register_method
 from common.quant.modules import QuantConv2d, QuantLinear
 from common.quant.quantizers import Quantizer, UniformQuantizer, quant_state
 from common.quant.wrap import quant_layers
-from common.units import model_units
+from common.models.units import model_units
 
 from .aqer import aqer_update
 from .dual_uniform import DualUniformQuantizer

@@ -7,9 +7,9 @@ channel; log-sqrt2 quantizer for the post-softmax probabilities; fractional zero
 Pipeline:
   1. Lazy calibration: one forward over the calibration batch in which every enabled quantizer fits
      itself on the first tensor it sees (the references' `inited` flag): percentile grid + MSE
-     (`common.percentile_search`). RepQ-ViT quantizes weights during this pass, ERQ does not.
+     (`common.calib.percentile`). RepQ-ViT quantizes weights during this pass, ERQ does not.
   2. Scale reparameterization: the per-channel (Δ_c, z_c) are folded into the LayerNorm affine and the
-     next linear (`common.reparam`); the activation quantizer becomes per-tensor (Δ̄, z̄) and the
+     next linear (`common.calib.reparam`); the activation quantizer becomes per-tensor (Δ̄, z̄) and the
      linear's weight quantizer is refitted on the rescaled weights.
 Both methods share these steps; `erq.method.ERQ` adds Aqer / Wqer on top.
 """
@@ -25,14 +25,14 @@ from omegaconf import DictConfig, OmegaConf
 from timm.models.swin_transformer import PatchMerging
 from torch import nn
 
-from common.methods import PTQMethod, register_method, scheme_from_bits
-from common.percentile_search import search_log_sqrt2_percentile, search_uniform_percentile
+from common.run.registry import PTQMethod, register_method, scheme_from_bits
+from common.calib.percentile import search_log_sqrt2_percentile, search_uniform_percentile
 from common.quant.granularity import PerChannel, PerTensor
 from common.quant.modules import QuantLinear
 from common.quant.quantizers import LogQuantizer, Quantizer, UniformQuantizer, quant_state, quantizers_of
 from common.quant.scheme import QuantScheme
 from common.quant.wrap import wrap_model
-from common.reparam import reparameterize_layernorm
+from common.calib.reparam import reparameterize_layernorm
 
 from .dual_uniform import DualUniformQuantizer
 from .linalg import single_threaded

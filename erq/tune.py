@@ -24,12 +24,12 @@ import torch.nn.functional as F
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
-from common.config import CONF_DIR, register_resolvers, resolve_dataset
+from common.run.config import CONF_DIR, register_resolvers, resolve_dataset
 from common.data import build_data
-from common.methods import RunContext, get_method
-from common.stages import StageCache
-from common.tracking import Tracker
-from common.zoo import build_model
+from common.run.registry import RunContext, get_method
+from common.run.stages import StageCache
+from common.run.tracking import Tracker
+from common.models.zoo import build_model
 
 __all__ = ["heldout_kl", "main"]
 

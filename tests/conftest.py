@@ -27,9 +27,9 @@ from hydra import compose, initialize_config_dir  # noqa: E402
 from hydra.core.global_hydra import GlobalHydra  # noqa: E402
 from omegaconf import DictConfig, open_dict  # noqa: E402
 
-from common.config import CONF_DIR, register_resolvers  # noqa: E402
+from common.run.config import CONF_DIR, register_resolvers  # noqa: E402
 
-DEMO_WEIGHTS = REPO / "common" / "assets" / "vit_digits.safetensors"
+DEMO_WEIGHTS = REPO / "common" / "models" / "assets" / "vit_digits.safetensors"
 
 
 def compose_cfg(overrides: Iterable[str] = ()) -> DictConfig:

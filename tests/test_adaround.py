@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from common.adaround import AdaRoundQuantizer, attach_adaround, beta_schedule, finalize_adaround
+from common.recon.adaround import AdaRoundQuantizer, attach_adaround, beta_schedule, finalize_adaround
 from common.quant import PerChannel, QuantConv2d, QuantLinear, UniformQuantizer
 from common.quant.modules import IdentityQuantizer
 from common.quant.primitives import qparams_from_range

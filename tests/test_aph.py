@@ -20,7 +20,7 @@ from timm.layers import RmsNorm
 from torch import nn
 
 from aphq.aph import average_perturbation_hessian, brecq_fisher, kl_batchmean
-from common.units import model_units, run_units
+from common.models.units import model_units, run_units
 
 TEMP = 20.0
 BS = 8

@@ -1,4 +1,4 @@
-"""The `aphq` method family through the real pipeline (`common.pipeline.run`) on the demo model.
+"""The `aphq` method family through the real pipeline (`common.run.pipeline.run`) on the demo model.
 
 * stages are cached and reused: a matching later stage is loaded and earlier stages are not touched;
   a changed reconstruction config recomputes only that stage; `stages.load.<stage>=PATH` loads a file;
@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from common.pipeline import run
+from common.run.pipeline import run
 
 from conftest import compose_cfg, point_at, read_jsonl, run_py_many
 

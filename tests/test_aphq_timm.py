@@ -4,7 +4,7 @@
   command) on a depth-1 DeiT-S checkpoint written here, with short iteration counts on the bundled
   ImageNet sample: all three stages run, every unit (patch_embed, blocks.0, head) is reconstructed, the
   FP model is the checkpoint's, and every attention matmul gets one calibrated scale per head;
-* the same method on a small Swin-T (window attention, patch merging units) through `common.pipeline.run`.
+* the same method on a small Swin-T (window attention, patch merging units) through `common.run.pipeline.run`.
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from common.pipeline import run
+from common.run.pipeline import run
 
 from conftest import compose_cfg, perturbed_timm, read_jsonl, run_py
 
@@ -46,7 +46,7 @@ def test_run_py_aphq_deit_s_from_checkpoint(tmp_path):
 
     # the FP model is the checkpoint's: the saved FP logits are the source model's on the same images
     from common.data import build_data
-    from common.evaluate import predict
+    from common.run.evaluate import predict
 
     (fp_stage,) = (run_dir / "stages").glob("fp_eval-*.pt")
     saved = torch.load(fp_stage, weights_only=False)

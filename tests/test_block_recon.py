@@ -9,17 +9,17 @@ import torch
 from torch import nn
 
 from aphq.aph import average_perturbation_hessian, brecq_fisher_weights, fp_logits
-from common.adaround import AdaRoundQuantizer
-from common.block_recon import BlockReconConfig, block_recon_config, reconstruct_model
-from common.calibration import capture_io, reduce_minmax
+from common.recon.adaround import AdaRoundQuantizer
+from common.recon.block import BlockReconConfig, block_recon_config, reconstruct_model
+from common.calib.capture import capture_io, reduce_minmax
 from common.quant import UniformQuantizer
 from common.quant.modules import QuantMatMul
 from common.quant.primitives import qparams_from_range
 from common.quant.quantizers import quant_state, quantizers_of
 from common.quant.scheme import QuantScheme
 from common.quant.wrap import quant_layers, wrap_model
-from common.tracking import Tracker
-from common.units import model_units
+from common.run.tracking import Tracker
+from common.models.units import model_units
 
 N, BS = 32, 8
 
@@ -263,7 +263,7 @@ def _reference_fake_quant(x, scale, zp, qmax, keep):
 @pytest.mark.parametrize("shape,sshape", [((4, 3, 9, 9), (1, 3, 1, 1)), ((4, 9, 16), (1,)), ((4, 9, 16), (1, 9, 1))])
 @pytest.mark.parametrize("qdrop", [True, False])
 def test_fused_fake_quant_matches_autograd_ste(shape, sshape, qdrop):
-    from common.block_recon import _FakeQuantSTE, keep_mask
+    from common.recon.block import _FakeQuantSTE, keep_mask
 
     g = torch.Generator().manual_seed(0)
     x0 = torch.randn(shape, generator=g) * 3
@@ -286,7 +286,7 @@ def test_fused_fake_quant_matches_autograd_ste(shape, sshape, qdrop):
 
 
 def test_keep_mask_is_bernoulli():
-    from common.block_recon import keep_mask
+    from common.recon.block import keep_mask
 
     x = torch.empty(200_001)
     torch.manual_seed(0)
@@ -320,7 +320,7 @@ def test_compiled_kernels_match_eager(setup):
 
 
 def test_compile_auto_picks_kernels_for_long_runs_only():
-    from common.block_recon import AUTO_COMPILE_ITERS, _compile_mode
+    from common.recon.block import AUTO_COMPILE_ITERS, _compile_mode
 
     assert _compile_mode("auto", AUTO_COMPILE_ITERS - 1) is None
     assert _compile_mode("auto", AUTO_COMPILE_ITERS) == "kernels" == _compile_mode(True, 10)
@@ -332,7 +332,7 @@ def test_compile_auto_picks_kernels_for_long_runs_only():
 
 def test_compiler_failure_falls_back_to_the_eager_kernels(setup, monkeypatch):
     """No working compiler: a warning, then exactly the eager reconstruction (same seeds, same numbers)."""
-    import common.block_recon as B
+    import common.recon.block as B
 
     fp, q0, images = setup
 

@@ -14,7 +14,7 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
 
-from common.config import CONF_DIR, GROUPS, check_group_choice, register_resolvers, resolve_dataset, validate
+from common.run.config import CONF_DIR, GROUPS, check_group_choice, register_resolvers, resolve_dataset, validate
 from common.errors import UserError
 from conftest import compose_cfg
 
@@ -59,7 +59,7 @@ def test_defaults() -> None:
     assert cfg.method.name in METHODS
     assert cfg.seed == 0 and cfg.device == "auto" and cfg.precision.tf32 is False
     assert cfg.stages.reuse is True and cfg.logger.name == "jsonl"
-    assert cfg.model.checkpoint.endswith("common/assets/vit_digits.safetensors")  # ${vitq.asset:} resolves
+    assert cfg.model.checkpoint.endswith("common/models/assets/vit_digits.safetensors")  # ${vitq.asset:} resolves
     assert cfg.stages.shared_dir.endswith("outputs/stage_cache")
 
 
@@ -133,7 +133,7 @@ def test_every_experiment_composes() -> None:
 @pytest.mark.parametrize("method", METHODS)
 def test_method_module_registers_it(method: str) -> None:
     """`method.module` imports and registers `method.name` (what the pipeline looks up)."""
-    from common.methods import get_method
+    from common.run.registry import get_method
 
     node = OmegaConf.load(CONF_DIR / "method" / f"{method}.yaml")
     cls = get_method(node.name, node.get("module"))

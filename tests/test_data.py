@@ -15,20 +15,21 @@ import torch
 from PIL import Image
 
 from common.data import IMAGENET_SAMPLE_ROOT, build_data, imagenet_wnids
+from common.run.config import model_node
 from common.errors import UserError
-from common.zoo import build_model
+from common.models.zoo import build_model
 
 POOL = 64  # a small calibration pool keeps the 224px transforms fast
 
 
 @pytest.fixture(scope="module")
 def deit() -> torch.nn.Module:
-    return build_model({"name": "deit_t", "pretrained": False, "kwargs": {"depth": 1}})
+    return build_model(model_node("deit_t", checkpoint=None, pretrained=False, kwargs={"depth": 1}))
 
 
 @pytest.fixture(scope="module")
 def demo() -> torch.nn.Module:
-    return build_model({"name": "demo", "pretrained": False})
+    return build_model(model_node("demo", checkpoint=None, pretrained=False))
 
 
 def _sample_cfg(**over) -> dict:
@@ -194,7 +195,7 @@ def test_non_imagenet_folder_names_are_numbered_in_sorted_order(deit, tmp_path) 
 
 
 def test_digits(demo) -> None:
-    from common.digits import digits_split_indices
+    from common.data.digits import digits_split_indices
 
     cfg = {"name": "digits", "root": None, "n_calib": 32, "n_eval": None, "eval_batch_size": 100, "num_workers": 0}
     data = build_data(cfg, demo, seed=1)

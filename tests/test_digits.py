@@ -12,7 +12,8 @@ import timm.data
 import torch
 from timm.models.vision_transformer import VisionTransformer
 
-import common.digits as digits
+import common.data.digits as digits
+import common.models.demo as demo
 
 
 def test_split_disjoint_and_complete():
@@ -57,7 +58,7 @@ def test_model_is_timm_vit_and_tiny():
 def test_reimport_does_not_clash():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        importlib.reload(digits)
+        importlib.reload(demo)
     assert timm.models.is_model("vit_digits")
 
 
@@ -72,10 +73,10 @@ def test_resolve_model_data_config():
 def test_committed_weights_load_strictly_and_are_accurate():
     from safetensors.torch import load_file
 
-    assert digits.DEFAULT_WEIGHTS.is_file(), "run `python -m common.train_digits`"
-    assert digits.DEFAULT_WEIGHTS.stat().st_size <= 1_500_000
+    assert demo.DEFAULT_WEIGHTS.is_file(), "run `python -m common.models.train_demo`"
+    assert demo.DEFAULT_WEIGHTS.stat().st_size <= 1_500_000
     model = timm.create_model("vit_digits")
-    model.load_state_dict(load_file(str(digits.DEFAULT_WEIGHTS)), strict=True)
+    model.load_state_dict(load_file(str(demo.DEFAULT_WEIGHTS)), strict=True)
     model.eval()
     x, y = digits.digits_split()["test"]
     with torch.no_grad():

@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from common.percentile_search import search_uniform_percentile
+from common.calib.percentile import search_uniform_percentile
 from erq.aqer import aqer_update
 from erq.linalg import SuffixCholesky, ridge_matrix
 from erq.stats import LayerStats

@@ -9,11 +9,11 @@ import json
 
 import pytest
 
-from common.pipeline import run
+from common.run.pipeline import run
 from conftest import DEMO_WEIGHTS
 
 
-@pytest.mark.skipif(not DEMO_WEIGHTS.is_file(), reason="demo weights not built (python -m common.train_digits)")
+@pytest.mark.skipif(not DEMO_WEIGHTS.is_file(), reason="demo weights not built (python -m common.models.train_demo)")
 @pytest.mark.parametrize("bits", ["w4a4", "w3a4"])
 def test_erq_beats_repq_on_demo(run_cfg, tmp_path, bits):
     results = {}

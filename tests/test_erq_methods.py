@@ -9,12 +9,12 @@ import timm
 import torch
 from omegaconf import DictConfig, open_dict
 
-from common.methods import RunContext, get_method
+from common.run.registry import RunContext, get_method
 from common.quant.modules import QuantConv2d, QuantLinear
 from common.quant.quantizers import Quantizer, quant_state, quantizers_of
 from common.quant.wrap import quant_layers
-from common.stages import StageCache
-from common.tracking import Tracker
+from common.run.stages import StageCache
+from common.run.tracking import Tracker
 from conftest import compose_cfg, read_jsonl
 from erq.dual_uniform import DualUniformQuantizer
 

@@ -14,7 +14,7 @@ import pytest
 import timm
 import torch
 
-from common import pipeline
+from common.run import pipeline
 from common.errors import UserError
 from conftest import REPO, last_line, subprocess_env
 
@@ -31,12 +31,12 @@ def _one_line(exc: pytest.ExceptionInfo) -> str:
 def tripwires(monkeypatch):
     """Fail the test if the model or the data would be built (the error must come before)."""
     import common.data
-    import common.zoo
+    import common.models.zoo
 
     def boom(*_a, **_k):
         raise AssertionError("heavy work started before the configuration error was raised")
 
-    monkeypatch.setattr(common.zoo, "build_model", boom)
+    monkeypatch.setattr(common.models.zoo, "build_model", boom)
     monkeypatch.setattr(common.data, "build_data", boom)
 
 
@@ -152,7 +152,7 @@ def test_bad_values_fail_before_loading(run_cfg, tripwires, override: str, patte
 
 @pytest.mark.parametrize("bits", [["bits.w_bit=32"], ["bits.a_bit=32"], ["bits.w_bit=2", "bits.a_bit=8"]])
 def test_bits_edge_values_are_accepted(run_cfg, bits) -> None:
-    from common.config import validate
+    from common.run.config import validate
 
     validate(run_cfg(bits))
 

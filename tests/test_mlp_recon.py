@@ -11,7 +11,7 @@ from torch import nn
 
 from aphq.mlp_recon import (MLPReconConfig, mlp_blocks, mlp_recon_config, positive_quantile, reconstruct_mlps,
                             relu_swap)
-from common.tracking import Tracker
+from common.run.tracking import Tracker
 
 
 from conftest import tiny_vit  # noqa: E402
@@ -94,16 +94,16 @@ def test_same_generator_same_result(images):
 
 def _demo_weights_available() -> bool:
     try:
-        from common.digits import DEFAULT_WEIGHTS
+        from common.models.demo import DEFAULT_WEIGHTS
     except Exception:  # pragma: no cover
         return False
     return DEFAULT_WEIGHTS.is_file()
 
 
-@pytest.mark.skipif(not _demo_weights_available(), reason="demo weights (common/assets/vit_digits.safetensors) "
+@pytest.mark.skipif(not _demo_weights_available(), reason="demo weights (common/models/assets/vit_digits.safetensors) "
                     "not trained yet")
 def test_demo_accuracy_kept_within_two_points():
-    from common.digits import digits_split
+    from common.data.digits import digits_split
 
     split = digits_split()
     fp = timm.create_model("vit_digits", pretrained=True).eval()

@@ -1,6 +1,6 @@
 """The pipeline end to end: the embedded demo (digits ViT) and a checkpoint round trip on a DeiT.
 
-Demo runs are module-scoped fixtures (each is a real `common.pipeline.run`, a few seconds on CPU)
+Demo runs are module-scoped fixtures (each is a real `common.run.pipeline.run`, a few seconds on CPU)
 shared by the tests that read their outputs; every run writes under pytest's tmp dirs only.
 """
 from __future__ import annotations
@@ -13,13 +13,13 @@ import pytest
 import timm
 import torch
 
-from common.pipeline import run
+from common.run.pipeline import run
 from conftest import DEMO_WEIGHTS, compose_cfg, last_line, perturbed_timm, point_at, read_jsonl, run_py
 
 REQUIRED = ("model", "method", "bits", "dataset", "n_calib", "n_eval", "fp_top1", "fp_top5", "quant_top1",
             "quant_top5", "top1_agreement", "kl_to_fp", "timings", "seed")
 NUMBERS = ("n_calib", "n_eval", "fp_top1", "fp_top5", "quant_top1", "quant_top5", "top1_agreement", "kl_to_fp")
-DIGITS_TEST = 400  # size of the digits test split (common/digits.py)
+DIGITS_TEST = 400  # size of the digits test split (common/data/digits.py)
 
 
 def _events(run_dir: Path) -> list[dict]:
@@ -48,7 +48,7 @@ def _restore_torch_threads():
 @pytest.fixture(scope="module")
 def demo_dir(tmp_path_factory) -> Path:
     if not DEMO_WEIGHTS.is_file():
-        pytest.fail(f"the demo weights {DEMO_WEIGHTS} are missing: build them with `python -m common.train_digits`")
+        pytest.fail(f"the demo weights {DEMO_WEIGHTS} are missing: build them with `python -m common.models.train_demo`")
     return tmp_path_factory.mktemp("demo")
 
 
@@ -168,7 +168,7 @@ def test_run_py_demo(demo_dir, w8a8) -> None:
 def test_deit_checkpoint_round_trip(run_cfg, tmp_path) -> None:
     """A depth-1 DeiT-Tiny saved to a file, run through the pipeline: same FP logits as the source."""
     from common.data import build_data
-    from common.evaluate import predict
+    from common.run.evaluate import predict
 
     source = perturbed_timm("deit_tiny_patch16_224", depth=1)
     ckpt = tmp_path / "deit_t_depth1.pth"
@@ -194,7 +194,7 @@ def test_deit_checkpoint_round_trip(run_cfg, tmp_path) -> None:
 
 def test_replaced_checkpoint_is_not_served_from_the_stage_cache(tmp_path) -> None:
     """Weights replaced in place (same path, same size: e.g. a retrained demo) must not reuse old stages."""
-    import common.digits  # noqa: F401  (registers vit_digits)
+    import common.models.demo  # noqa: F401  (registers vit_digits)
     from safetensors.torch import save_file
 
     ckpt, shared = tmp_path / "digits.safetensors", tmp_path / "shared"

@@ -9,7 +9,7 @@ import timm
 import torch
 from omegaconf import OmegaConf
 
-from common.percentile_search import group_quantiles, search_log_sqrt2_percentile, search_uniform_percentile
+from common.calib.percentile import group_quantiles, search_log_sqrt2_percentile, search_uniform_percentile
 from common.quant.granularity import PerChannel, PerTensor
 from common.quant.modules import QuantLinear
 from common.quant.primitives import fake_quant_affine, fake_quant_log_sqrt2

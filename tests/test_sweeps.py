@@ -15,7 +15,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException
 from omegaconf import OmegaConf
 
-from common.config import CONF_DIR, register_resolvers
+from common.run.config import CONF_DIR, register_resolvers
 
 REPO = Path(__file__).resolve().parents[1]
 SWEEPS = REPO / "sweeps"

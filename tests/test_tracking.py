@@ -1,4 +1,4 @@
-"""Tests of `common.tracking` without W&B traffic: the metrics.jsonl protocol, attempt counting (resume
+"""Tests of `common.run.tracking` without W&B traffic: the metrics.jsonl protocol, attempt counting (resume
 evidence), W&B naming from the Hydra job, the W&B calls a fake run receives, and WANDB_MODE=disabled."""
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from typing import Any
 import pytest
 from omegaconf import OmegaConf
 
-from common import tracking
-from common.tracking import Tracker, build_tracker, flatten, job_name, wandb_identity
+from common.run import tracking
+from common.run.tracking import Tracker, build_tracker, flatten, job_name, wandb_identity
 from conftest import read_jsonl
 
 

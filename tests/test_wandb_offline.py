@@ -124,7 +124,7 @@ def test_offline_curves_readback(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     """Per-unit curves and stage metrics logged through the Tracker come back with their own x axis."""
     from omegaconf import OmegaConf
 
-    from common.tracking import build_tracker
+    from common.run.tracking import build_tracker
 
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")

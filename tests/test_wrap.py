@@ -8,7 +8,7 @@ import torch
 from common.quant import QuantConv2d, QuantLinear, QuantMatMul, UniformQuantizer, quant_state
 from common.quant.scheme import QuantScheme
 from common.quant.wrap import QuantViTAttention, QuantWindowAttention, quant_layers, wrap_model
-from common.units import model_units, run_units
+from common.models.units import model_units, run_units
 
 ARCHS = ["deit_tiny_patch16_224", "deit_small_patch16_224", "deit_base_patch16_224", "vit_small_patch16_224",
          "vit_base_patch16_224", "swin_tiny_patch4_window7_224", "swin_small_patch4_window7_224",

@@ -1,4 +1,4 @@
-"""Tests of `common.zoo`: every checkpoint format round-trips exactly; every bad input is a UserError."""
+"""Tests of `common.models.zoo`: every checkpoint format round-trips exactly; every bad input is a UserError."""
 
 from __future__ import annotations
 
@@ -16,9 +16,10 @@ import timm
 import torch
 from omegaconf import OmegaConf
 
-from common import zoo
+from common.models import zoo
 from common.errors import UserError
-from common.zoo import MODEL_ZOO, ModelSpec, build_model, data_config
+from common.models.zoo import build_model, data_config
+from common.run.config import group_options, model_node
 
 from conftest import perturbed_timm
 
@@ -28,11 +29,11 @@ TINY = {"depth": 1}  # one block: the real architecture at test speed
 
 def _cfg(name: str = "deit_t", checkpoint: str | Path | None = None, pretrained: bool = False, kwargs=None) -> dict:
     """A model config node as Hydra would give it."""
-    spec = MODEL_ZOO[name]
+    spec = model_node(name)
     return {
         "name": name,
-        "timm_name": spec.timm_name,
-        "family": spec.family,
+        "timm_name": spec["timm_name"],
+        "family": spec["family"],
         "checkpoint": None if checkpoint is None else str(checkpoint),
         "pretrained": pretrained,
         "kwargs": dict(TINY if kwargs is None else kwargs),
@@ -287,7 +288,7 @@ def test_unknown_name_lists_choices() -> None:
     with pytest.raises(UserError) as info:
         build_model({"name": "resnet50"})
     msg = str(info.value)
-    assert all(name in msg for name in MODEL_ZOO)
+    assert "conf/model/" in msg
 
 
 def test_bad_kwargs() -> None:
@@ -337,9 +338,10 @@ def test_hub_offline_env_subprocess(tmp_path) -> None:
     code = textwrap.dedent(
         """
         from common.errors import UserError
-        from common.zoo import build_model
+        from common.models.zoo import build_model
+        from common.run.config import model_node
         try:
-            build_model({"name": "deit_t", "pretrained": True, "kwargs": {"depth": 1}})
+            build_model(model_node("deit_t", checkpoint=None, pretrained=True, kwargs={"depth": 1}))
         except UserError as e:
             print("USERERROR:", e)
         """
@@ -356,12 +358,15 @@ def test_hub_offline_env_subprocess(tmp_path) -> None:
 
 
 def test_zoo_table() -> None:
-    assert set(MODEL_ZOO) == {"deit_t", "deit_s", "deit_b", "vit_s", "vit_b", "swin_t", "swin_s", "swin_b", "demo"}
-    assert MODEL_ZOO["vit_b"] == ModelSpec("vit_b", "vit_base_patch16_224", "vit")
-    assert {s.family for s in MODEL_ZOO.values()} == {"vit", "swin"}
-    import common.digits  # noqa: F401
+    """The model list is conf/model/ (the one source of names, timm names and families)."""
+    names = group_options("model")
+    assert {"deit_t", "deit_s", "deit_b", "vit_s", "vit_b", "swin_t", "swin_s", "swin_b", "demo"} <= set(names)
+    specs = {n: model_node(n) for n in names}
+    assert specs["vit_b"]["timm_name"].split(".")[0] == "vit_base_patch16_224" and specs["vit_b"]["family"] == "vit"
+    assert {s["family"] for s in specs.values()} <= {"vit", "swin"}
+    import common.models.demo  # noqa: F401
 
-    assert all(timm.is_model(s.timm_name) for s in MODEL_ZOO.values())
+    assert all(timm.is_model(s["timm_name"]) for s in specs.values())
 
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)

@@ -9,16 +9,65 @@ included, and when that SIGTERM reaches `scontrol` before it exits, submitit tak
 and writes an error result, so the sweep fails although the job was requeued (seen on a single-host
 cluster, where the kill is fast). Here a `scontrol` killed by SIGTERM/SIGKILL counts as requeued: the job
 then exits, and the requeued job resumes from the stage results saved in its run dir.
+
+GPUs per job: `cluster.gpus_per_node: auto` resolves per job (`common.run.config.slurm_gpus`: 0 for CPU jobs,
+1 otherwise), so the jobs of one sweep are submitted as one array per distinct GPU count; a job asking for 0
+GPUs sends no GPU option at all (a cluster without GPU gres rejects even `--gpus-per-node=0`).
+
+An sbatch rejection is raised as one line naming the `cluster.*` key to change (`rejection_message`).
 """
 from __future__ import annotations
 
+import contextlib
+import io
+import logging
+import os
+import re
 import signal
 import subprocess
-from typing import Any
+from pathlib import Path
+from typing import Any, Sequence
 
+from hydra.core.singleton import Singleton
+from hydra.core.utils import JobReturn, filter_overrides
+from hydra.errors import CompactHydraException
+from omegaconf import OmegaConf
+
+from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
 from hydra_plugins.hydra_submitit_launcher.submitit_launcher import SlurmLauncher as _SubmititSlurmLauncher
 
-__all__ = ["SlurmLauncher"]
+__all__ = ["SlurmLauncher", "SbatchRejected", "rejection_message"]
+
+log = logging.getLogger(__name__)
+
+# (pattern in sbatch's error text, what to change), first match wins: more specific causes first
+_REJECTIONS: tuple[tuple[str, str], ...] = (
+    (r"gres|generic resource",
+     "set cluster.gpus_per_node=0 for CPU jobs (or cluster.partition=<a GPU partition>)"),
+    (r"qos", "set cluster.qos=<an allowed QOS> (or cluster.qos=null), or lower cluster.time_min"),
+    (r"account", "set cluster.account=<an account you may use> (sacctmgr show assoc user=$USER)"),
+    (r"partition", "set cluster.partition=<a partition from sinfo> (or cluster.partition=null for the default)"),
+    (r"time limit|time", "lower cluster.time_min to the partition's limit (sinfo -o '%P %l')"),
+    (r"memory|mem", "lower cluster.mem_gb (or cluster.mem_gb=null for the partition's default)"),
+    (r"feature|constraint", "fix cluster.constraint (or cluster.constraint=null)"),
+    (r"node name|exclude", "fix cluster.exclude (or cluster.exclude=null)"),
+    (r"node configuration|cpu", "lower cluster.cpus_per_task / cluster.mem_gb / cluster.gpus_per_node to what a node has"),
+)
+
+
+class SbatchRejected(CompactHydraException):
+    """sbatch refused the job array; Hydra prints a CompactHydraException as its message only (one line)."""
+
+
+def rejection_message(stderr: str) -> str:
+    """One line for sbatch's error text: the reason SLURM gave and the `cluster.*` key to change."""
+    lines = [ln.strip() for ln in str(stderr).strip().splitlines() if ln.strip()]
+    reason = lines[-1] if lines else "no message"
+    reason = re.sub(r"^(sbatch: error: |Batch job submission failed: )+", "", reason)
+    low = " ".join(lines).lower()
+    hint = next((h for pat, h in _REJECTIONS if re.search(pat, low)),
+                "check the cluster.* settings (conf/launcher/slurm.yaml, conf/local/default.yaml)")
+    return f"sbatch rejected the job ({reason}): {hint}"
 
 
 def _requeue(self: Any, countdown: int) -> None:
@@ -34,10 +83,75 @@ def _requeue(self: Any, countdown: int) -> None:
 
 
 class SlurmLauncher(_SubmititSlurmLauncher):
-    """`submitit_slurm` launcher (hydra-submitit-launcher 1.2.0) with the robust requeue installed in the job."""
+    """`submitit_slurm` launcher (hydra-submitit-launcher 1.2.0) with the robust requeue installed in the job,
+    per-job GPU counts and one-line sbatch rejections."""
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         from submitit.slurm.slurm import SlurmJobEnvironment
 
         SlurmJobEnvironment._requeue = _requeue  # type: ignore[method-assign]
         return super().__call__(*args, **kwargs)
+
+    def _job_gpus(self, overrides: Sequence[str]) -> Any:
+        """`hydra.launcher.gpus_per_node` resolved in this job's own config (device / model may be swept)."""
+        from common.run.config import register_resolvers
+
+        register_resolvers()
+        assert self.hydra_context is not None and self.config is not None
+        cfg = self.hydra_context.config_loader.load_sweep_config(self.config, list(overrides))
+        return OmegaConf.select(cfg, "hydra.launcher.gpus_per_node", default=self.params.get("gpus_per_node"))
+
+    def _executor(self, gpus: Any) -> Any:
+        """A submitit executor with this launcher's parameters (as the parent builds it) and `gpus` GPUs."""
+        import submitit
+
+        params = dict(self.params, gpus_per_node=gpus or None)  # 0 GPUs: no GPU option in the sbatch script
+        specific_init_keys = {"max_num_timeout"}
+        init_params = {"folder": params["submitit_folder"]}
+        init_params.update({f"{self._EXECUTOR}_{k}": v for k, v in params.items() if k in specific_init_keys})
+        executor = submitit.AutoExecutor(cluster=self._EXECUTOR, **init_params)
+        baseparams = set(OmegaConf.structured(BaseQueueConf).keys())
+        init_keys = specific_init_keys | {"submitit_folder"}
+        executor.update_parameters(**{k if k in baseparams else f"{self._EXECUTOR}_{k}": v
+                                      for k, v in params.items() if k not in init_keys})
+        return executor
+
+    def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
+        """The parent's launch, with one job array per distinct GPU count (submitted before waiting on any)."""
+        from submitit.core.utils import FailedJobError
+
+        assert self.config is not None
+        assert len(job_overrides) > 0
+        log.info(f"Submitit '{self._EXECUTOR}' sweep output dir : {self.config.hydra.sweep.dir}")
+        sweep_dir = Path(str(self.config.hydra.sweep.dir))
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        if "mode" in self.config.hydra.sweep:
+            os.chmod(sweep_dir, mode=int(str(self.config.hydra.sweep.mode), 8))
+
+        groups: dict[Any, list[int]] = {}
+        job_params: list[tuple] = []
+        for i, overrides in enumerate(job_overrides):
+            idx = initial_job_idx + i
+            log.info(f"\t#{idx} : {' '.join(filter_overrides(overrides))}")
+            job_params.append((list(overrides), "hydra.sweep.dir", idx, f"job_id_for_{idx}", Singleton.get_state()))
+            groups.setdefault(self._job_gpus(overrides), []).append(i)
+        jobs: list[Any] = [None] * len(job_params)
+        for gpus, members in groups.items():
+            if len(groups) > 1:
+                log.info(f"\tjobs {[initial_job_idx + i for i in members]}: {gpus or 0} GPU(s) per job")
+            executor = self._executor(gpus)
+            err = io.StringIO()
+            try:
+                with contextlib.redirect_stderr(err):  # submitit echoes sbatch's stderr; it goes in our one line
+                    submitted = executor.map_array(self, *zip(*[job_params[i] for i in members]))
+            except FailedJobError as exc:
+                raise SbatchRejected(rejection_message(str(exc) or err.getvalue())) from None
+            except FileNotFoundError:
+                raise SbatchRejected("sbatch not found: launcher=slurm submits with SLURM's sbatch; run it on a "
+                                     "login node (or use launcher=submitit_local)") from None
+            except subprocess.CalledProcessError as exc:
+                text = exc.stderr or exc.output or str(exc)
+                raise SbatchRejected(rejection_message(text if isinstance(text, str) else text.decode())) from None
+            for i, job in zip(members, submitted):
+                jobs[i] = job
+        return [j.results()[0] for j in jobs]

@@ -15,13 +15,13 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .calibration import (batched, capture_io, clip_candidates, gram_of, iter_unit_inputs, reduce_minmax,
+from common.calib.capture import (batched, capture_io, clip_candidates, gram_of, iter_unit_inputs, reduce_minmax,
                           search_by_error, search_weight_by_gram)
-from .methods import PTQMethod, register_method, scheme_from_bits
-from .quant import PerTensor, QuantConv2d, QuantLinear, QuantMatMul, UniformQuantizer, quant_state
-from .quant.primitives import fake_quant_affine
-from .quant.wrap import quant_layers, wrap_model
-from .units import model_units
+from common.run.registry import PTQMethod, register_method, scheme_from_bits
+from common.quant import PerTensor, QuantConv2d, QuantLinear, QuantMatMul, UniformQuantizer, quant_state
+from common.quant.primitives import fake_quant_affine
+from common.quant.wrap import quant_layers, wrap_model
+from common.models.units import model_units
 
 __all__ = ["FloatingPoint", "MinMaxMSE"]
 

@@ -1,9 +1,9 @@
 """Block reconstruction (BRECQ / QDrop / APHQ "optimize", aphq spec §4.2 and §4.5), shared by the methods.
 
-Units (`common.units.model_units`: patch_embed, every block, every Swin PatchMerging, head) are
+Units (`common.models.units.model_units`: patch_embed, every block, every Swin PatchMerging, head) are
 reconstructed in forward order. For each unit:
 
-* its weight quantizers become AdaRound (`common.adaround`) and its activation quantizers switch to
+* its weight quantizers become AdaRound (`common.recon.adaround`) and its activation quantizers switch to
   STE rounding (their scales are learned) and, in `qdrop` mode, QDrop with `drop_prob`;
 * 'iters' steps of Adam on α (lr `w_lr`) and on the activation scales (lr `a_lr`, cosine to 0), each on
   `randperm(N)[:batch_size]` samples:
@@ -46,10 +46,10 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .adaround import attach_adaround, beta_schedule, finalize_adaround
-from .config import dataclass_from
-from .quant.quantizers import UniformQuantizer, quantizers_of
-from .units import Unit, model_units
+from common.recon.adaround import attach_adaround, beta_schedule, finalize_adaround
+from common.settings import dataclass_from
+from common.quant.quantizers import UniformQuantizer, quantizers_of
+from common.models.units import Unit, model_units
 
 __all__ = ["BlockReconConfig", "block_recon_config", "reconstruct_model", "unit_rec_loss", "keep_mask", "tune_cpu_allocator", "WeightsArg"]
 
@@ -433,7 +433,7 @@ def reconstruct_model(qmodel: nn.Module, fp_model: nn.Module, images: torch.Tens
             callable weights(unit_name, quantized_input, fp_input) called just before the unit trains (e.g.
             `aphq.aph.brecq_fisher_weights`); None for mse/mae. Per-sample weights are indexed with the
             batch indices. Not used for `head` (KL).
-        tracker: `common.tracking.Tracker`; curve ``recon/<unit>`` gets loss, rec (normalised), rec_raw
+        tracker: `common.run.tracking.Tracker`; curve ``recon/<unit>`` gets loss, rec (normalised), rec_raw
             and round every `log_every` steps and at the first and last step.
         device: where captures and training live.
         generator: run-level CPU generator (default: seeded with `cfg.seed`); each unit's seed is drawn

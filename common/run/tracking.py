@@ -212,7 +212,7 @@ def _init_wandb(cfg: DictConfig, run_dir: Path, mode: str, attempt: int, info: d
     try:
         import wandb
     except ImportError as exc:  # pragma: no cover - wandb is a dependency
-        from .errors import UserError
+        from common.errors import UserError
 
         raise UserError("logger=wandb needs the `wandb` package (pip install wandb)") from exc
     logger = cfg.logger

@@ -18,7 +18,7 @@ from typing import Any, Callable
 
 import torch
 
-from .errors import UserError
+from common.errors import UserError
 
 __all__ = ["signature", "StageCache"]
 

@@ -19,10 +19,10 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from .errors import UserError
-from .quant.scheme import QuantScheme
-from .stages import StageCache
-from .tracking import Tracker
+from common.errors import UserError
+from common.quant.scheme import QuantScheme
+from common.run.stages import StageCache
+from common.run.tracking import Tracker
 
 __all__ = ["RunContext", "PTQMethod", "register_method", "get_method", "list_methods", "scheme_from_bits"]
 
@@ -102,7 +102,7 @@ def register_method(name: str):
 
 def get_method(name: str, module: str | None = None) -> type[PTQMethod]:
     """Look a method up, importing `module` (the package that registers it) first."""
-    for mod in filter(None, [module, "common.baselines"]):
+    for mod in filter(None, [module, "common.run.baselines"]):
         try:
             importlib.import_module(mod)
         except ModuleNotFoundError as exc:

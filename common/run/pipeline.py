@@ -16,11 +16,11 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from .config import register_resolvers, resolve_dataset, seed_everything, select_device, set_precision, validate
-from .evaluate import compare_to_fp, predict
-from .methods import RunContext, get_method
-from .stages import StageCache
-from .tracking import build_tracker
+from common.run.config import register_resolvers, resolve_dataset, seed_everything, select_device, set_precision, validate
+from common.run.evaluate import compare_to_fp, predict
+from common.run.registry import RunContext, get_method
+from common.run.stages import StageCache
+from common.run.tracking import build_tracker
 
 __all__ = ["run", "run_dir_of", "format_table"]
 log = logging.getLogger(__name__)
@@ -69,8 +69,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     register_resolvers()
     resolve_dataset(cfg)
     validate(cfg)
-    from .data import build_data
-    from .zoo import build_model
+    from common.data import build_data
+    from common.models.zoo import build_model
 
     method_cls = get_method(cfg.method.name, cfg.method.get("module"))
     run_dir = run_dir_of(cfg)

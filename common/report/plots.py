@@ -16,7 +16,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .report import Run, Table
+    from common.report import Run, Table
 
 __all__ = ["plot_acc_vs_bits", "plot_curves"]
 
@@ -29,7 +29,7 @@ def _bits_sort_key(bits: str) -> tuple[int, int, str]:
 def plot_acc_vs_bits(table: "Table", path: Path) -> list[Path]:
     """One panel per model: top-1 against bit-width, a line per method (row), filled = ours, hollow =
     published; the FP accuracy is a dashed line. Rows of extras (`method:extra`) are left out."""
-    from .report import FP
+    from common.report import FP
 
     bits = sorted((b for b in table.sections if b != FP), key=_bits_sort_key)
     if not bits:
@@ -74,7 +74,7 @@ def plot_acc_vs_bits(table: "Table", path: Path) -> list[Path]:
 
 def plot_curves(runs: list["Run"], folder: Path, max_units_in_legend: int = 24) -> list[Path]:
     """One PNG per run that logged curves: a panel per (curve stage, value), one line per unit, log-scale
-    loss against the iteration. Curves are named `<stage>/<unit>` (see `common.tracking`)."""
+    loss against the iteration. Curves are named `<stage>/<unit>` (see `common.run.tracking`)."""
     written: list[Path] = []
     seen: set[str] = set()
     for run in runs:

@@ -2,7 +2,7 @@
 
 Usage::
 
-    python -m common.train_digits [--seed 0] [--epochs 200] [--out PATH]
+    python -m common.models.train_demo [--seed 0] [--epochs 200] [--out PATH]
 
 Deterministic for a given seed (and thread count): torch, numpy and random are
 seeded, ``torch.use_deterministic_algorithms(True)`` is on, and all shuffling and
@@ -34,7 +34,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common.digits import DEFAULT_WEIGHTS, DIGITS_MEAN, DIGITS_STD, digits_split, vit_digits
+from common.data.digits import DIGITS_MEAN, DIGITS_STD, digits_split
+from common.models.demo import DEFAULT_WEIGHTS, vit_digits
 
 BATCH_SIZE = 64
 LR = 2e-3

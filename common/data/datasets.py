@@ -5,9 +5,9 @@ Three datasets, one interface (:class:`PTQData`):
 * ``imagenet``: ``<root>/train`` and ``<root>/val`` ImageFolders. Calibration images come from
   ``train/`` (as in APHQ and ERQ), evaluation is all of ``val/``.
 * ``imagenet_sample``: ``<root>/val/<wnid>/*.JPEG``, by default the 1000 real images (one per
-  class) bundled in ``common/assets/imagenet_sample``. A fixed split (seed 0, independent of the
+  class) bundled in ``common/data/assets/imagenet_sample``. A fixed split (seed 0, independent of the
   run seed) puts ``calib_pool`` files aside for calibration; the disjoint rest is evaluated.
-* ``digits``: the demo dataset of :mod:`common.digits` (tensors already normalised; no transform,
+* ``digits``: the demo dataset of :mod:`common.data.digits` (tensors already normalised; no transform,
   and augmentation is the identity because 8x8 digits have no crop/flip/colour augmentation
   that preserves the label in a meaningful way).
 
@@ -382,7 +382,7 @@ def _build_digits(model: nn.Module, seed: int, common: dict[str, Any]) -> PTQDat
     """Digits: calibration from ``calib_pool``, evaluation on ``test`` (fixed split, no transform)."""
     import timm.data
 
-    from common.digits import digits_split, digits_split_indices
+    from common.data.digits import digits_split, digits_split_indices
 
     input_size = tuple(timm.data.resolve_model_data_config(model)["input_size"])
     split = digits_split(seed)
@@ -400,7 +400,7 @@ def _build_digits(model: nn.Module, seed: int, common: dict[str, Any]) -> PTQDat
             "dataset": "digits",
             "root": None,
             "calib_source": "digits calib_pool (197 images), permuted by the run seed",
-            "eval_split": "digits test split (400 images, fixed order of common.digits)",
+            "eval_split": "digits test split (400 images, fixed order of common.data.digits)",
             "augmentation": "identity (digits are already tensors)",
             "transform": "none (images are normalised tensors)",
         },

@@ -4,11 +4,11 @@ Collects every `results.json` under the given dirs (with the `metrics.jsonl` nex
 (default `<first DIR>/report/`):
 
 * `report.md`: one table per bit-width (rows: methods, columns: models), each cell `ours (published, Δ)`,
-  plus an FP section; published numbers come from `common/assets/published.yaml` (sources listed at the end);
+  plus an FP section; published numbers come from `common/report/assets/published.yaml` (sources listed at the end);
 * `table.csv`: the same layout, with `<model>`, `<model>_published`, `<model>_diff` columns;
 * `runs.csv`: one line per run (all numbers, the overrides, the run dir);
 * `acc_vs_bits.png` (top-1 against bit-width per method, one panel per model) and `curves/*.png`
-  (per-unit reconstruction-loss curves of every run that logged curves), see `common.report_plots`.
+  (per-unit reconstruction-loss curves of every run that logged curves), see `common.report.plots`.
 
 Rows are found, never listed: a row is a method name (`results.json:method`), plus `[key=value,...]` for
 overrides that change the method (hyper-parameter sweeps such as `method.coe=...`), plus `method:extra` rows
@@ -32,14 +32,14 @@ from typing import Any, Iterable
 
 import yaml
 
-from .tracking import INFRA_OVERRIDE
+from common.run.tracking import INFRA_OVERRIDE
 
 __all__ = ["Run", "collect", "load_published", "build_table", "write_report", "main"]
 
 PUBLISHED = Path(__file__).resolve().parent / "assets" / "published.yaml"
 FP = "fp"  # section / row name of full-precision results
 
-# What a row label leaves out besides infrastructure (common.tracking.INFRA_OVERRIDE): the row/column keys.
+# What a row label leaves out besides infrastructure (common.run.tracking.INFRA_OVERRIDE): the row/column keys.
 _NOT_VARIANT = re.compile(r"^(model|bits|method|seed|dataset|experiment|tuned)$")
 
 
@@ -274,7 +274,7 @@ def write_report(dirs: list[str | Path], out: str | Path | None = None, plots: b
     dirs = [str(d) for d in dirs]
     runs = collect(dirs)
     if not runs:
-        from .errors import UserError
+        from common.errors import UserError
 
         raise UserError(f"no results.json found under {', '.join(dirs)}: point the report at a run or sweep dir")
     out = Path(out) if out else Path(dirs[0]) / "report"
@@ -284,7 +284,7 @@ def write_report(dirs: list[str | Path], out: str | Path | None = None, plots: b
     write_csvs(table, runs, out)
     files = [out / "report.md", out / "table.csv", out / "runs.csv"]
     if plots:
-        from .report_plots import plot_acc_vs_bits, plot_curves
+        from common.report.plots import plot_acc_vs_bits, plot_curves
 
         files += plot_acc_vs_bits(table, out / "acc_vs_bits.png")
         files += plot_curves(runs, out / "curves")
@@ -299,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--all-published", action="store_true",
                     help="also list published rows (other methods) for the models and bit-widths present")
     args = ap.parse_args(argv)
-    from .errors import UserError
+    from common.errors import UserError
 
     try:
         rep = write_report(args.dirs, args.out, plots=not args.no_plots, all_published=args.all_published)

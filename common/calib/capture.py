@@ -15,9 +15,9 @@ from typing import Callable, Iterable, Iterator, Sequence
 import torch
 from torch import nn
 
-from .quant.granularity import Granularity, PerChannel, PerTensor
-from .quant.primitives import fake_quant_affine, qparams_from_range
-from .units import Unit
+from common.quant.granularity import Granularity, PerChannel, PerTensor
+from common.quant.primitives import fake_quant_affine, qparams_from_range
+from common.models.units import Unit
 
 __all__ = ["capture_io", "iter_unit_inputs", "batched", "reduce_minmax", "reduce_quantile", "clip_candidates",
            "search_weight_by_gram", "search_by_error", "gram_of"]

@@ -23,7 +23,6 @@ import re
 import socket
 import sys
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -35,32 +34,8 @@ from torch import nn
 
 from common.errors import UserError
 
-__all__ = ["ModelSpec", "MODEL_ZOO", "build_model", "data_config", "load_checkpoint"]
+__all__ = ["build_model", "data_config", "load_checkpoint"]
 
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """One model of the zoo: the short name used in ``model=``, its timm name and its family."""
-
-    name: str
-    timm_name: str
-    family: str  # "vit" (ViT/DeiT: plain VisionTransformer) or "swin"
-
-
-MODEL_ZOO: dict[str, ModelSpec] = {
-    spec.name: spec
-    for spec in (
-        ModelSpec("deit_t", "deit_tiny_patch16_224", "vit"),
-        ModelSpec("deit_s", "deit_small_patch16_224", "vit"),
-        ModelSpec("deit_b", "deit_base_patch16_224", "vit"),
-        ModelSpec("vit_s", "vit_small_patch16_224", "vit"),
-        ModelSpec("vit_b", "vit_base_patch16_224", "vit"),
-        ModelSpec("swin_t", "swin_tiny_patch4_window7_224", "swin"),
-        ModelSpec("swin_s", "swin_small_patch4_window7_224", "swin"),
-        ModelSpec("swin_b", "swin_base_patch4_window7_224", "swin"),
-        ModelSpec("demo", "vit_digits", "vit"),
-    )
-}
 
 # --------------------------------------------------------------------------- public API
 
@@ -69,32 +44,30 @@ def build_model(cfg: Mapping[str, Any]) -> nn.Module:
     """Create the FP model described by a ``model`` config node; eval mode, float32, CPU.
 
     Args:
-        cfg: mapping (DictConfig or dict) with ``name`` (a key of :data:`MODEL_ZOO`) and
-            optionally ``timm_name``, ``family`` (default: the zoo's), ``checkpoint`` (path or
-            None), ``pretrained`` (bool, default False) and ``kwargs`` (extra
-            ``timm.create_model`` arguments, e.g. ``{"depth": 1}`` for tiny test models).
+        cfg: mapping (DictConfig or dict), normally the composed ``model`` group node
+            (``conf/model/NAME.yaml``, the one place where a model's timm name lives): ``name``,
+            ``timm_name``, optionally ``checkpoint`` (path or None), ``pretrained`` (bool, default
+            False) and ``kwargs`` (extra ``timm.create_model`` arguments, e.g. ``{"depth": 1}``).
 
     Raises:
         UserError: unknown name, bad kwargs, unreadable or mismatching checkpoint, hub
             weights requested but not obtainable.
     """
     name = _get(cfg, "name")
-    if name not in MODEL_ZOO:
-        raise UserError(
-            f"unknown model name {name!r}: pick one of {', '.join(MODEL_ZOO)} (e.g. `model=deit_s`)"
-        )
-    spec = MODEL_ZOO[name]
-    timm_name = _get(cfg, "timm_name") or spec.timm_name
+    timm_name = _get(cfg, "timm_name")
+    if not timm_name:
+        raise UserError(f"model {name!r} has no timm_name: pick a model from conf/model/ (e.g. `model=deit_s`) "
+                        f"or add conf/model/{name}.yaml with its timm_name")
     checkpoint = _get(cfg, "checkpoint")
     pretrained = bool(_get(cfg, "pretrained", False))
     kwargs = _plain(_get(cfg, "kwargs") or {})
 
     if timm_name == "vit_digits" or name == "demo":
-        import common.digits  # noqa: F401  (registers `vit_digits` in timm)
+        import common.models.demo  # noqa: F401  (registers `vit_digits` in timm)
     if not timm.is_model(timm_name):
         raise UserError(
             f"timm does not know model {timm_name!r} (model.timm_name for {name!r}): "
-            f"fix `model.timm_name=` or use one of the zoo names {', '.join(MODEL_ZOO)}"
+            "fix `model.timm_name=` or pick a model from conf/model/"
         )
 
     if checkpoint not in (None, ""):

@@ -2,59 +2,73 @@
 from __future__ import annotations
 
 import random
-import warnings
-from dataclasses import asdict, fields, is_dataclass
 from pathlib import Path
-from typing import Any, Iterable, Mapping, TypeVar
+from typing import Any
 
 import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from .errors import UserError
+from common.errors import UserError
 
-__all__ = ["CONF_DIR", "PROJECT_ROOT", "ASSETS", "register_resolvers", "validate", "resolve_dataset",
-           "seed_everything", "select_device", "set_precision", "check_group_choice", "dataclass_from"]
+__all__ = ["CONF_DIR", "PROJECT_ROOT", "register_resolvers", "validate", "resolve_dataset",
+           "seed_everything", "select_device", "set_precision", "check_group_choice",
+           "group_options", "model_node", "asset_path", "slurm_gpus"]
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
 CONF_DIR = PROJECT_ROOT / "conf"
-ASSETS = Path(__file__).resolve().parent / "assets"
+COMMON = PROJECT_ROOT / "common"
 GROUPS = ("model", "bits", "method", "dataset", "logger", "launcher", "experiment")
 
-_D = TypeVar("_D")
-
-
-def dataclass_from(cls: type[_D], cfg: Any = None, ignored: Iterable[str] = (), label: str = "",
-                   **overrides: Any) -> _D:
-    """A settings dataclass `cls` from an instance, dict, DictConfig or namespace (+ keyword overrides).
-
-    Keys that are neither fields of `cls` nor in `ignored` (config keys read elsewhere) trigger one
-    warning naming them, so a typo in a config node does not pass silently.
-    """
-    if is_dataclass(cfg) and isinstance(cfg, cls):
-        values = asdict(cfg)
-    elif cfg is None:
-        values = {}
-    else:
-        values = dict(cfg.items()) if isinstance(cfg, Mapping) or hasattr(cfg, "items") else dict(vars(cfg))
-    values.update(overrides)
-    known = {f.name for f in fields(cls)}
-    unknown = set(values) - known - set(ignored)
-    if unknown:
-        warnings.warn(f"{label or cls.__name__}: ignoring unknown config keys {sorted(unknown)}", stacklevel=3)
-    return cls(**{k: v for k, v in values.items() if k in known})
-
-
 def register_resolvers() -> None:
-    """`${vitq.asset:NAME}` -> path of a packaged asset; `${vitq.root:}` -> the project root."""
+    """`${vitq.asset:NAME}` -> path of a packaged asset (`common/<part>/assets/NAME`); `${vitq.root:}` -> the root;
+    `${vitq.slurm_gpus:VALUE,DEVICE,MODEL}` -> the GPUs a SLURM job asks for (`slurm_gpus`)."""
     if not OmegaConf.has_resolver("vitq.asset"):
-        OmegaConf.register_new_resolver("vitq.asset", lambda name: str(ASSETS / name))
+        OmegaConf.register_new_resolver("vitq.asset", asset_path)
     if not OmegaConf.has_resolver("vitq.root"):
         OmegaConf.register_new_resolver("vitq.root", lambda: str(PROJECT_ROOT))
+    if not OmegaConf.has_resolver("vitq.slurm_gpus"):
+        OmegaConf.register_new_resolver("vitq.slurm_gpus", slurm_gpus)
+
+
+#: Models that run on CPU by default (device=auto): their SLURM jobs ask for no GPU.
+CPU_MODELS = ("demo",)
+
+
+def slurm_gpus(value: Any, device: Any, model: Any) -> int | None:
+    """`cluster.gpus_per_node` as sbatch gets it. A number (or null: no request) wins; `auto` is 0 for a CPU
+    job (device=cpu, or a CPU model such as the demo with device=auto) and 1 otherwise (device=cuda[:N],
+    or an ImageNet model with device=auto)."""
+    if value is None or (isinstance(value, int) and not isinstance(value, bool) and value >= 0):
+        return value
+    if value != "auto":
+        raise UserError(f"cluster.gpus_per_node={value!r} is invalid: use auto, null or a number of GPUs >= 0")
+    dev = str(device)
+    if dev == "cpu":
+        return 0
+    if dev.startswith("cuda"):
+        return 1
+    return 0 if str(model) in CPU_MODELS else 1
+
+
+def asset_path(name: str) -> str:
+    """The one packaged asset called `name` under `common/*/assets/` (each part ships its own assets)."""
+    hits = sorted(COMMON.glob(f"*/assets/{name}"))
+    if len(hits) != 1:
+        raise UserError(f"asset {name!r}: expected one common/<part>/assets/{name}, found {len(hits)}")
+    return str(hits[0])
 
 
 def group_options(group: str) -> list[str]:
     return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+
+
+def model_node(name: str, **overrides: Any) -> dict[str, Any]:
+    """`conf/model/NAME.yaml` as a plain dict (the one source of a model's timm name and family), resolved."""
+    check_group_choice("model", name)
+    register_resolvers()
+    node = OmegaConf.merge(OmegaConf.load(CONF_DIR / "model" / f"{name}.yaml"), overrides)
+    return OmegaConf.to_container(node, resolve=True)
 
 
 def check_group_choice(group: str, choice: str) -> None:
@@ -76,10 +90,8 @@ def validate(cfg: DictConfig) -> None:
     bits = cfg.bits
     for key in ("w_bit", "a_bit", "patch_embed_a_bit", "head_a_bit", "head_w_bit"):
         _check_bits(key, bits.get(key))
-    from .zoo import MODEL_ZOO
-
-    if cfg.model.name not in MODEL_ZOO and not cfg.model.get("timm_name"):
-        raise UserError(f"unknown model {cfg.model.name!r}; available: {', '.join(MODEL_ZOO)}")
+    if not cfg.model.get("timm_name"):
+        raise UserError(f"model {cfg.model.name!r} has no timm_name; available: {', '.join(group_options('model'))}")
     if cfg.device not in ("auto", "cpu") and not str(cfg.device).startswith("cuda"):
         raise UserError(f"device={cfg.device!r} is not supported: use auto, cpu or cuda[:N]")
     if str(cfg.device).startswith("cuda") and not torch.cuda.is_available():

@@ -25,9 +25,9 @@ import math
 import torch
 from torch import nn
 
-from .quant.modules import QuantConv2d, QuantLinear
-from .quant.quantizers import Quantizer, UniformQuantizer
-from .units import Unit
+from common.quant.modules import QuantConv2d, QuantLinear
+from common.quant.quantizers import Quantizer, UniformQuantizer
+from common.models.units import Unit
 
 __all__ = ["AdaRoundQuantizer", "beta_schedule", "attach_adaround", "finalize_adaround", "adaround_quantizers"]
 
