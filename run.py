@@ -1,6 +1,7 @@
 """Launcher for every experiment: a thin `@hydra.main` over `common.run.pipeline.run`.
 
     python run.py                                   # embedded demo (digits ViT), default method
+    python run.py task=sr                           # super-resolution demo (small SwinIR x2 on Set5)
     python run.py method=aphq model=deit_s bits=w4a4 model.checkpoint=/path/deit_small.pth
     python run.py -m method=aphq,erq model=deit_t,deit_s bits=w4a4,w3a3
     python run.py -m launcher=slurm ...
@@ -35,7 +36,9 @@ def main(cfg: DictConfig) -> float:
     from common.run.pipeline import run
 
     try:
-        return float(run(cfg)["quant_top1"])
+        results = run(cfg)
+        key = {"sr": "quant_psnr", "detection": "quant_box_ap"}.get(results.get("task"), "quant_top1")
+        return float(results[key])
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(1) from None

@@ -6,7 +6,7 @@ One class, three cached stages (the reference's three checkpoints, aphq spec §1
    reconstruction against the FP GELU model with the APH-weighted, `pct`-clamped loss
    (`aphq.mlp_recon`); the ReLU model's FP accuracy is recorded (the paper's "MLP Recon." column).
 2. ``aphq_calibrate``: wrapping (uniform asymmetric quantizers everywhere, per-head matmuls, FP image
-   input) and APHQ's calibration search with LayerNorm reparameterization (`aphq.calibrate`).
+   input) and APHQ's calibration search with LayerNorm reparameterization (`common.calib.calibrate`).
 3. ``aphq_reconstruct`` (if `recon.enabled`): block reconstruction of every unit with AdaRound,
    learned activation scales, QDrop and the Average Perturbation Hessian loss
    (`common.recon.block`, `aphq.aph`); a checkpoint is written after every unit so a killed run
@@ -43,14 +43,12 @@ from torch import nn
 from common.recon.block import block_recon_config, reconstruct_model
 from common.run.evaluate import predict, topk_accuracy
 from common.run.registry import PTQMethod, register_method, scheme_from_bits
-from common.quant.modules import QuantLinear
-from common.quant.quantizers import UniformQuantizer, quantizers_of
 from common.quant.wrap import wrap_model
 from common.run.stages import signature
 from common.models.units import model_units
+from common.calib.calibrate import LN_SITES, CalibConfig, calibrate_model, load_quant_state, reparam_active
 
 from .aph import average_perturbation_hessian, brecq_fisher_weights, fp_logits
-from .calibrate import LN_SITES, CalibConfig, calibrate_model, granularity_of_scale, reparam_active
 from .mlp_recon import mlp_recon_config, reconstruct_mlps, relu_swap
 
 __all__ = ["APHQ", "QDrop", "BRECQ", "BRECQQuantInput", "APHQNoAverage", "APHQBrecqHessian", "APHQNoMR", "STAGES"]
@@ -84,23 +82,6 @@ def _cpu_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
 
 
-@torch.no_grad()
-def load_quant_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """Load a stage's state dict into a freshly wrapped model (spec §1.2 `load_model`).
-
-    Reparameterization may have created a bias on Swin `reduction` (so a zero bias is added where the
-    state has one), token-wise scales change quantizer shapes (handled by the quantizers themselves),
-    and LayerNorm-fed inputs become per-tensor (the `granularity` attribute follows the loaded scales).
-    """
-    for name, m in model.named_modules():
-        if isinstance(m, QuantLinear) and m.bias is None and f"{name}.bias" in state:
-            m.bias = nn.Parameter(torch.zeros(m.out_features, device=m.weight.device, dtype=m.weight.dtype))
-    model.load_state_dict(state)
-    for name, q in quantizers_of(model, role="act"):
-        if isinstance(q, UniformQuantizer) and f"{name}.scale" in state:
-            q.granularity = granularity_of_scale(q.scale)
-
-
 @register_method("aphq")
 class APHQ(PTQMethod):
     """APHQ-ViT and the BRECQ / QDrop family (see module docstring and conf/method/aphq.yaml)."""
@@ -110,10 +91,18 @@ class APHQ(PTQMethod):
     def n_calib(self) -> int:
         return int(self.cfg.calib.n_images)
 
-    def _n(self, data, section: str) -> int:
-        """Images a stage draws, capped (with a warning) at what the dataset holds."""
+    def images(self, data) -> dict[str, int]:
+        """Images of each enabled stage (MR, calibration, reconstruction), as capped by `_n`."""
+        sections = (("mr", "mlp_recon"), ("calibration", "calib"), ("reconstruction", "recon"))
+        return {stage: self._n(data, section, quiet=True) for stage, section in sections
+                if section == "calib" or bool(self.cfg[section].enabled)}
+
+    def _n(self, data, section: str, quiet: bool = False) -> int:
+        """Images a stage draws, capped (with a warning unless `quiet`) at what the dataset holds."""
         want = int(self.cfg[section].n_images)
         have = int(getattr(data, "n_calib_available", want))
+        if want > have and quiet:
+            return have
         if want > have:
             log.warning("aphq: %s.n_images=%d but the dataset's calibration source has %d images; using %d",
                         section, want, have, have)

@@ -3,6 +3,7 @@
     python bench/bench_aphq_calib.py                          # calibration of deit_t and deit_s, 128 images, W4A4
     python bench/bench_aphq_calib.py --models deit_t --images 32 --threads 1
     python bench/bench_aphq_calib.py --e2e --models deit_t --iters 20 --recon-images 64
+    python bench/bench_aphq_calib.py --models deit_t --images 8 --int-search both   # old vs new search, same process
 
 Models have random weights and the images are random (seeded): run time does not depend on either,
 except that the exact branch-and-bound search prunes less on such flat error landscapes than on
@@ -31,7 +32,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from aphq.aph import average_perturbation_hessian  # noqa: E402
-from aphq.calibrate import LN_SITES, CalibConfig, calibrate_model  # noqa: E402
+from common.calib.calibrate import LN_SITES, CalibConfig, calibrate_model  # noqa: E402
 from aphq.mlp_recon import reconstruct_mlps  # noqa: E402
 from common.recon.block import reconstruct_model  # noqa: E402
 from common.quant.scheme import QuantScheme  # noqa: E402
@@ -92,19 +93,31 @@ def images(n: int, model: torch.nn.Module, seed: int) -> torch.Tensor:
     return torch.randn(n, *size, generator=torch.Generator().manual_seed(seed))
 
 
-def bench_calibration(name: str, n: int, bits: int, meter: PeakRSS) -> dict:
+def bench_calibration(name: str, n: int, bits: int, meter: PeakRSS, int_search: bool = True,
+                      units: int | None = None) -> dict:
     model = wrap_model(fp_model(name), aphq_scheme(bits))
+    if units:  # only the first `units` units (patch embed, blocks.0, ...): a per-block figure in less time
+        import common.calib.calibrate as calib_mod
+
+        calib_mod.model_units = lambda m, _all=model_units: _all(m)[:units]
     x = images(n, model, 1)
-    out: dict = {}
+    out: dict = {"int_search": int_search}
     with meter.stage(out, "calibration"):
-        rec = calibrate_model(model, x, CalibConfig(n_images=n), bits, bits, progress=False)
+        rec = calibrate_model(model, x, CalibConfig(n_images=n, int_search=int_search), bits, bits, progress=False)
+    out["state"] = model.state_dict()
     kinds: dict[str, float] = {}
     for qname, sec in rec["seconds"].items():
         kind = qname.rsplit(".", 1)[-1] if "." in qname else qname
         kinds[kind] = round(kinds.get(kind, 0.0) + sec, 2)
     out["by_module_kind_wall_s"] = kinds
+    cpu_kinds: dict[str, float] = {}
+    for qname, sec in rec.get("cpu_seconds", {}).items():
+        kind = qname.rsplit(".", 1)[-1] if "." in qname else qname
+        cpu_kinds[kind] = round(cpu_kinds.get(kind, 0.0) + sec, 2)
+    out["by_module_kind_cpu_s"] = cpu_kinds
     out["matmul_searches"] = sum(r.get("searches", 0) for r in rec["modules"].values())
     out["matmul_memo_hits"] = sum(r.get("memo_hits", 0) for r in rec["modules"].values())
+    out["matmul_rescored"] = sum(r.get("rescored", 0) for r in rec["modules"].values())
     return out
 
 
@@ -153,6 +166,11 @@ def main() -> None:
     p.add_argument("--e2e", action="store_true", help="whole method with short iteration counts")
     p.add_argument("--iters", type=int, default=20, help="MR and block-reconstruction steps per unit (--e2e)")
     p.add_argument("--recon-images", type=int, default=64, help="MR / APH / reconstruction images (--e2e)")
+    p.add_argument("--int-search", choices=["on", "off", "both"], default="on",
+                   help="calibration: integer-code evaluation (method.calib.int_search); 'both' runs off then on "
+                        "in this process, prints the CPU-time ratio and checks the state dicts are identical")
+    p.add_argument("--units", type=int, default=None,
+                   help="calibration: only the first N units (2 = patch embed + the first block)")
     p.add_argument("--json", type=str, default=None, help="also write the results to this file")
     args = p.parse_args()
     if args.threads:
@@ -162,12 +180,31 @@ def main() -> None:
     results = {}
     try:
         for name in args.models:
-            t0 = time.perf_counter()
-            res = bench_e2e(name, args, meter) if args.e2e else bench_calibration(name, args.images, args.bits, meter)
-            res["total_wall_s"] = round(time.perf_counter() - t0, 2)
-            results[name] = res
-            print(json.dumps({"model": name, "images": args.images, "bits": args.bits,
-                              "threads": torch.get_num_threads(), **res}), flush=True)
+            if args.e2e:
+                runs = [(name, lambda: bench_e2e(name, args, meter))]
+            else:
+                flags = {"on": [True], "off": [False], "both": [False, True]}[args.int_search]
+                runs = [(name if len(flags) == 1 else f"{name}/int_search={f}",
+                         lambda f=f: bench_calibration(name, args.images, args.bits, meter, f, args.units))
+                        for f in flags]
+            done = []
+            for key, fn in runs:
+                t0 = time.perf_counter()
+                res = fn()
+                res["total_wall_s"] = round(time.perf_counter() - t0, 2)
+                state = res.pop("state", None)
+                done.append((res, state))
+                results[key] = res
+                print(json.dumps({"model": key, "images": args.images, "bits": args.bits,
+                                  "threads": torch.get_num_threads(), **res}), flush=True)
+            if len(done) == 2:
+                (old, s_old), (new, s_new) = done
+                same = all(torch.equal(s_old[k], s_new[k]) for k in s_old) and s_old.keys() == s_new.keys()
+                cmp = {"model": name, "cpu_ratio_off_over_on": round(old["calibration"]["cpu_s"] / new["calibration"]["cpu_s"], 2),
+                       "wall_ratio_off_over_on": round(old["calibration"]["wall_s"] / new["calibration"]["wall_s"], 2),
+                       "identical_state_dicts": same}
+                results[f"{name}/compare"] = cmp
+                print(json.dumps(cmp), flush=True)
     finally:
         meter.close()
     if args.json:

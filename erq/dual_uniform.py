@@ -27,18 +27,20 @@ from common.quant.quantizers import Quantizer
 __all__ = ["DualUniformQuantizer", "outlier_columns", "row_percentile_of_sign"]
 
 
-def row_percentile_of_sign(w: torch.Tensor, q: float, positive: bool,
+def row_percentile_of_sign(w: torch.Tensor, pct: float, positive: bool,
                            sorted_rows: torch.Tensor | None = None) -> torch.Tensor:
-    """Per row: numpy.percentile(row[row > 0] (or row[row < 0]), 100 q), float64; NaN if none.
+    """Per row: numpy.percentile(row[row > 0] (or row[row < 0]), pct), float64; NaN if none.
 
-    numpy's 'linear' method: virtual index n·q + (1 − q) − 1, lerp between its neighbours. In a sorted
-    row the negatives come first and the positives last, so one sort (`sorted_rows`) serves both signs.
+    `pct` is in percent, as numpy takes it (the reference passes 99 and 100 − 99 = 1). numpy's
+    'linear' method: q = pct / 100, virtual index (count − 1)·q, lerp between its neighbours. In a
+    sorted row the negatives come first and the positives last, so one sort (`sorted_rows`) serves
+    both signs.
     """
     w64 = w.double()
     n = w64.shape[1]
     vals = torch.sort(w64, dim=1).values if sorted_rows is None else sorted_rows
     cnt = (w64 > 0).sum(1) if positive else (w64 < 0).sum(1)
-    vi = cnt.double() * q + (1.0 - q) - 1.0
+    vi = (cnt - 1).double() * (float(pct) / 100.0)  # numpy: q = true_divide(pct, 100), (n − 1)·q
     below = vi.floor().clamp(min=0)
     gamma = (vi - below)[:, None]
     below = below.long()
@@ -57,11 +59,12 @@ def outlier_columns(w: torch.Tensor, k: int, percentile: float = 99.0) -> torch.
     Only columns flagged at least once are returned (Counter.most_common never invents zero counts),
     so fewer than K may come back.
     """
-    q = percentile / 100.0
     w64 = w.double()
     srt = torch.sort(w64, dim=1).values
-    pos = row_percentile_of_sign(w64, q, positive=True, sorted_rows=srt)
-    neg = row_percentile_of_sign(w64, 1.0 - q, positive=False, sorted_rows=srt)
+    pos = row_percentile_of_sign(w64, percentile, positive=True, sorted_rows=srt)
+    # the reference's level is np.percentile(·, 100 − per): exactly 1 for per = 99, not 1 − 0.99
+    # (= 0.010000000000000009, which flags one extra weight where the rank is an integer)
+    neg = row_percentile_of_sign(w64, 100.0 - float(percentile), positive=False, sorted_rows=srt)
     flags = (w64 > pos[:, None]) | (w64 < neg[:, None])  # NaN thresholds flag nothing
     count = flags.sum(0)
     rows, cols = flags.shape

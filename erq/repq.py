@@ -155,6 +155,8 @@ def _ensure_bias(linear: nn.Linear) -> None:
 class RepQViT(PTQMethod):
     """RepQ-ViT: percentile-MSE quantizer init + LayerNorm scale reparameterization, no reconstruction."""
 
+    tasks = ("classification", "sr", "detection")  # per-layer maths; ERQ inherits it (its SR settings: conf/method_task/)
+
     # ------------------------------------------------------------------ shared steps
     def act_grid(self) -> list[float]:
         return [float(p) for p in self.cfg.act_init.grid]
@@ -175,6 +177,13 @@ class RepQViT(PTQMethod):
     def act_init_images(self, images: torch.Tensor) -> torch.Tensor:
         k = self.cfg.act_init.get("images")
         return images if k is None else images[:int(k)]
+
+    def images(self, data) -> dict[str, int]:
+        """`calibration` (weights, reparam, Aqer / Wqer) and `act_init` (the activation-init forward: ERQ's
+        first 32, RepQ-ViT's all)."""
+        n = self.n_calib()
+        k = self.cfg.act_init.get("images")
+        return {"calibration": n, "act_init": n if k is None else min(n, int(k))}
 
     @torch.no_grad()
     def calibrate(self, model: nn.Module, images: torch.Tensor) -> None:

@@ -141,3 +141,13 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+def top1_tolerance(acc_a: float, acc_b: float, n: int, k: float = 2.0) -> float:
+    """k standard errors (in points) of the difference of two top-1 accuracies measured on n eval images, at
+    their mean accuracy p: 100·k·sqrt(2p(1 − p)/n) (the binomial SE sqrt(p(1 − p)/n) of each, combined).
+    Top-1 orderings between methods on the small demo test split are only asserted up to this (n = 400 at
+    p ≈ 0.96: 2.7 points, 11 images): a few images flip between machines (different CPU kernels, same code)
+    and between calibration seeds."""
+    p = (acc_a + acc_b) / 200.0
+    return 100.0 * k * (2.0 * p * (1.0 - p) / n) ** 0.5

@@ -12,8 +12,9 @@ import pytest
 import timm
 import torch
 
-import aphq.search as S
-from aphq.calibrate import CalibConfig, calibrate_linear, calibrate_matmul, calibrate_model, expand_token_wise
+import common.calib.grids as G
+import common.calib.search as S
+from common.calib.calibrate import CalibConfig, calibrate_linear, calibrate_matmul, calibrate_model, expand_token_wise
 from common.quant import QuantLinear, QuantMatMul, UniformQuantizer, quant_state
 from common.quant.granularity import PerTensor
 from common.quant.primitives import fake_quant_affine
@@ -52,7 +53,7 @@ def _tiny_vit(**kw) -> torch.nn.Module:
 def test_weight_grid_matches_float64_enumeration(bits):
     torch.manual_seed(bits)
     w = torch.randn(5, 40) * torch.rand(5, 1)
-    grid = S.weight_grid(w, bits)
+    grid = G.weight_grid(w, bits)
     s, z = grid.params(torch.arange(128))  # (128, rows)
     w64 = w.double().numpy()
     num_zp = min(16, 2 ** bits)
@@ -67,7 +68,7 @@ def test_weight_grid_matches_float64_enumeration(bits):
             assert float(s[k, r]) == pytest.approx(s_ref, rel=1e-5)
             assert float(z[k, r]) == z_ref
     # the weight self-search picks the float64 argmin of the row MSE
-    best = S.pruned_argmin(128, 5, [(0, 1)], lambda idx, lo, hi: S.self_errors(w[None], *grid.params(idx), bits))
+    best = G.pruned_argmin(128, 5, [(0, 1)], lambda idx, lo, hi: S.self_errors(w[None], *grid.params(idx), bits))
     for r in range(5):
         w64 = w[r].double()
         errs = [float(((fake_quant_affine(w64, s[k, r].double(), z[k, r].double(), bits) - w64) ** 2).sum())
@@ -83,6 +84,40 @@ def test_quantiles_equal_torch_quantile(n):
     ours = S.quantiles(x, probs)
     ref = torch.quantile(x, torch.tensor(probs), dim=1).T
     assert torch.equal(ours, ref)
+
+
+def test_lower_levels_are_the_references_float32_one_minus_pct():
+    """The reference takes torch.quantile(x, 1 - pct) of a float32 tensor pct: 1 − float32(0.9) =
+    0.10000002384…, not float32(0.1); 1 − float32(0.99999) = 1.00136e-5, not 1e-5. Every grid must start
+    from exactly those quantiles (computed here independently, the reference's way)."""
+    assert S.reference_levels([0.9, 1.0])[2] == 1 - np.float32(0.9) != np.float32(0.1)
+    torch.manual_seed(3)
+    bits = 4
+    levels = 2 ** bits - 1
+    # linear weight rows (11 entries: rank 10·0.1 is near an integer, so the level matters)
+    w = torch.randn(6, 11)
+    pct = torch.tensor([0.9, 1.0])
+    up, lo = torch.quantile(w, pct, dim=-1), torch.quantile(w, 1 - pct, dim=-1)
+    assert torch.equal(G.weight_grid(w, bits).scales[:, 0], ((up[0] - lo[0]) / levels).clamp_min(1e-8))
+    assert not torch.equal(lo[0], torch.quantile(w, 0.1, dim=-1))  # the inexact level would differ here
+    # per-tensor activation
+    x = torch.randn(3, 7, 11)
+    up, lo = torch.quantile(x.reshape(-1), pct), torch.quantile(x.reshape(-1), 1 - pct)
+    assert torch.equal(G.activation_grid(x, bits).scales[0, 0], ((up[0] - lo[0]) / levels).clamp_min(1e-4))
+    # attention operand, per head: u_0 = u.99, l_0 = l(1 − 0.99999)
+    a = torch.randn(4, 2, 9, 9).softmax(-1)
+    pct = torch.tensor([0.99, 0.99999])
+    rows = a.transpose(0, 1).reshape(2, -1)
+    u, l_ = G.matmul_bounds(a)
+    assert torch.equal(u[0], torch.quantile(rows, pct, dim=-1)[0])
+    assert torch.equal(l_[0], torch.quantile(rows, 1 - pct, dim=-1)[1])
+    # patch-embed conv rows: pct_i = 0.99 + (0.9999 − 0.99)(i/(n−1))^0.5
+    cw = torch.randn(5, 3, 4, 4)
+    n = 16
+    pct = torch.tensor([0.99 + (0.9999 - 0.99) * (i / (n - 1)) ** 0.5 for i in range(n)])
+    u, l_ = G.conv_percentiles(cw, n)
+    assert torch.equal(u, torch.quantile(cw.reshape(5, -1), pct, dim=-1))
+    assert torch.equal(l_, torch.quantile(cw.reshape(5, -1), 1 - pct, dim=-1))
 
 
 def test_chunk_averaged_quantile_definition(monkeypatch):
@@ -116,21 +151,22 @@ def test_pruned_argmin_equals_exhaustive():
         return per_sample[idx, lo:hi].sum(1)
 
     full = per_sample.sum(1)
-    best = S.pruned_argmin(40, 3, S.sample_chunks(64, 1, min_elems=1, min_total=1), evaluate)
+    best = G.pruned_argmin(40, 3, G.sample_chunks(64, 1, min_elems=1, min_total=1), evaluate)
     assert best.tolist() == [17, 5, 17]
-    assert torch.equal(best, S._first_argmin(full))
+    assert torch.equal(best, G._first_argmin(full))
 
 
+@pytest.mark.parametrize("samples", [1, 6])  # one sample: the reference's calib_size 1
 @pytest.mark.parametrize("k,m", [(8, 20), (20, 8)])
-def test_left_operand_gram_form_equals_direct(k, m):
+def test_left_operand_gram_form_equals_direct(k, m, samples):
     torch.manual_seed(k)
-    left, right = torch.randn(6, 2, 5, k), torch.randn(6, 2, k, m)
-    target = left @ right + 0.1 * torch.randn(6, 2, 5, m)
+    left, right = torch.randn(samples, 2, 5, k), torch.randn(samples, 2, k, m)
+    target = left @ right + 0.1 * torch.randn(samples, 2, 5, m)
     s = torch.rand(9, 2) * 0.5 + 0.05
     z = torch.randint(0, 16, (9, 2)).float()
     search = S.LeftOperandSearch(left, right, target, 4)
     assert search.gram == (k < m)
-    got = search.errors(s, z, 0, 6)
+    got = search.errors(s, z, 0, samples)
     ref = torch.stack([((fake_quant_affine(left, s[c].view(1, 2, 1, 1), z[c].view(1, 2, 1, 1), 4) @ right - target)
                         .double() ** 2).sum((0, 2, 3)) for c in range(9)])
     assert torch.allclose(got, ref, rtol=1e-4)
@@ -141,7 +177,7 @@ def test_weight_output_errors_rank_like_direct():
     w, b = torch.randn(7, 12), torch.randn(7)
     x = torch.randn(50, 12)
     y = x @ w.T + b + 0.05 * torch.randn(50, 7)
-    grid = S.weight_grid(w, 3)
+    grid = G.weight_grid(w, 3)
     s, z = grid.params(torch.arange(128))
     got = S.weight_output_errors(w, b, x, y, s, z, 3)
     direct = torch.stack([((x.double() @ fake_quant_affine(w, s[c][:, None], z[c][:, None], 3).double().T
@@ -149,7 +185,7 @@ def test_weight_output_errors_rank_like_direct():
     # equal up to a per-row constant (fp32 Gram: relative precision ~1e-7 of the error scale)
     diff = (got - got[:1]) - (direct - direct[:1])
     assert float(diff.abs().max()) <= 1e-5 * float(direct.abs().max())
-    assert torch.equal(S._first_argmin(got), S._first_argmin(direct))
+    assert torch.equal(G._first_argmin(got), G._first_argmin(direct))
 
 
 # --------------------------------------------------------------------------- module searches
@@ -163,15 +199,15 @@ def test_matmul_search_picks_argmin_of_its_objective():
                      num_heads=2)
     calibrate_matmul(mm, a, b, y, CalibConfig(search_rounds=0))
     # B's joint search ran last: its choice is the argmin over (u_i, l_i) given the final A
-    u, lo = S.matmul_bounds(b)
+    u, lo = G.matmul_bounds(b)
     a_hat = mm.a_quantizer.fake_quant(a).detach().double()
     for h in range(2):
         errs = []
         for i in range(128):
-            s, z = S.pair_qparams(u[i, h], lo[i, h], 4)
+            s, z = G.pair_qparams(u[i, h], lo[i, h], 4)
             errs.append(float(((a_hat[:, h] @ fake_quant_affine(b[:, h], s, z, 4).double() - y[:, h].double()) ** 2)
                               .sum()))
-        chosen = S.pair_qparams(u[:, h], lo[:, h], 4)[0]
+        chosen = G.pair_qparams(u[:, h], lo[:, h], 4)[0]
         idx = int((chosen == mm.b_quantizer.scale.view(-1)[h]).nonzero()[0])
         assert errs[idx] == pytest.approx(min(errs), rel=1e-6)
 
@@ -213,11 +249,29 @@ def test_calibrated_model_keeps_fp_logits_and_quantizes_everything():
         assert torch.isfinite(m(x)).all()
 
 
+@pytest.mark.parametrize("n_images", [1, 2])
+def test_calibration_runs_with_one_or_two_images(n_images):
+    """The reference calibrates with calib_size 1 too; a single sample must not break the batched
+    searches (it used to: a `view` of a non-contiguous quantized operand)."""
+    fp = _tiny_vit()
+    x = torch.randn(n_images, 3, 32, 32, generator=torch.Generator().manual_seed(n_images))
+    m = wrap_model(copy.deepcopy(fp), _aphq_scheme(4))
+    calibrate_model(m, x, CalibConfig(n_images=n_images), 4, 4, progress=False)
+    for name, layer in quant_layers(m):
+        qs = [layer.a_quantizer, layer.b_quantizer] if isinstance(layer, QuantMatMul) else \
+            [layer.weight_quantizer] + ([layer.input_quantizer] if layer.site != "patch_embed" else [])
+        assert all(bool(q.calibrated) for q in qs), name
+    with torch.no_grad():
+        assert torch.isfinite(m(x)).all()
+        with quant_state(m, weight=False, act=False):
+            assert torch.allclose(m(x), fp(x), atol=1e-4)
+
+
 def test_calibration_exact_speedups_do_not_change_results(monkeypatch):
-    import aphq.calibrate as C
+    import common.calib.calibrate as C
 
     # force branch and bound even on tiny problems (by default it only splits large ones)
-    monkeypatch.setattr(C, "sample_chunks", lambda n, per=1: S.sample_chunks(n, per, min_elems=1, min_total=1))
+    monkeypatch.setattr(C, "sample_chunks", lambda n, per=1: G.sample_chunks(n, per, min_elems=1, min_total=1))
     fp = _tiny_vit()
     x = torch.randn(8, 3, 32, 32)
     states = []

@@ -5,7 +5,8 @@
   reusing a saved stage gives the same final numbers as computing it;
 * block reconstruction resumes from its per-unit checkpoint after a crash, with identical results;
 * on the trained demo model at W4A4 and W3A3 (short iteration counts): aphq beats qdrop, which beats
-  ptq, in KL to the FP model, without losing top-1; MR keeps the FP accuracy within 2 points.
+  ptq, in KL to the FP model by a margin measured over seeds, without losing top-1 beyond its binomial
+  standard error; MR keeps the FP accuracy within 2 points.
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import torch
 
 from common.run.pipeline import run
 
-from conftest import compose_cfg, point_at, read_jsonl, run_py_many
+from conftest import compose_cfg, point_at, read_jsonl, run_py_many, top1_tolerance
 
 # Short settings (the paper's are 20 000 steps on 1024 / 128 images); random demo weights unless trained ones
 # are asked for, so the plumbing tests do not depend on the bundled checkpoint.
@@ -104,19 +105,39 @@ def test_reconstruction_resumes_after_a_crash(run_cfg, tmp_path, monkeypatch):
 SHORT_ORDER_STEPS = {"w3a3": 500, "w4a4": 1000}
 
 
+# KL(fp‖q) ratios better/worse at the SHORT_ORDER_STEPS, seeds 0 / 1 / 2, measured with this code (`seed=N`,
+# same settings as the test; table in docs/aphq.md, "Shorter runs"):
+#   W3A3/500   aphq/qdrop 0.76 / 0.77 / 0.89   qdrop/ptq 0.36 / 0.49 / 0.48
+#   W4A4/1000  aphq/qdrop 0.64 / 0.55 / 0.75   qdrop/ptq 0.79 / 0.70 / 0.84
+# so every ordering held at every seed with a gap of at least 11 %; asserted: a gap of at least 5 %. The slow
+# preset test (2000 steps) reuses this check; its margins are from one seed only (docs/aphq.md "Demo results",
+# seed 0: aphq/qdrop 0.87 / 0.66, qdrop/ptq 0.54 / 0.33 at W4A4 / W3A3).
+KL_RATIO = 0.95
+# Top-1 on the 400 test images moves by several images between seeds and machines while the KL ordering holds:
+# better − worse over seeds 0 / 1 / 2 was W3A3 aphq−qdrop −1.75 / +2.75 / +1.5, W4A4 qdrop−ptq +1.25 / +1.0 / −0.5
+# (on another CPU, W3A3 seed 0: aphq 95.50 vs qdrop 96.25). So top-1 is only required not to be lower by more
+# than 2 SE of the difference of two accuracies (conftest.top1_tolerance: 2.7 points at 96 %, 1.9 at 98 %).
+
+
 def _ordering(results: dict[str, dict], run_dir: Path) -> None:
     kl = {m: r["kl_to_fp"] for m, r in results.items()}
     top1 = {m: r["quant_top1"] for m, r in results.items()}
-    assert kl["aphq"] < kl["qdrop"] < kl["ptq"], kl
-    assert top1["aphq"] >= top1["qdrop"] >= top1["ptq"], top1
+    assert kl["aphq"] < KL_RATIO * kl["qdrop"] and kl["qdrop"] < KL_RATIO * kl["ptq"], kl
+    n = results["aphq"]["n_eval"]
+    for better, worse in (("aphq", "qdrop"), ("qdrop", "ptq")):
+        tol = top1_tolerance(top1[better], top1[worse], n)
+        assert top1[better] >= top1[worse] - tol, (better, worse, top1, tol)
     metrics = read_jsonl(run_dir / "metrics.jsonl")
     mr_top1 = [m["mr_fp_top1"] for m in metrics if "mr_fp_top1" in m]
-    assert mr_top1 and abs(mr_top1[-1] - results["aphq"]["fp_top1"]) <= 2.0  # MR keeps the FP accuracy
+    # MR keeps the FP accuracy: within 2 points (≈ 2.7 binomial SE at 97.75 % on 400 images; measured
+    # 97.75 / 97.50 at W4A4 / W3A3, FP 97.75)
+    assert mr_top1 and abs(mr_top1[-1] - results["aphq"]["fp_top1"]) <= 2.0
 
 
 def test_aphq_beats_qdrop_beats_ptq_on_demo_short(tmp_path):
     """The trained demo model at W3A3 and W4A4, short iteration counts, seed 0, through `run.py`: KL(fp‖q)
-    ordered aphq < qdrop < ptq and top-1 not lower. Six runs, two at a time (one thread each)."""
+    ordered aphq < qdrop < ptq with a margin, top-1 not lower beyond noise (see KL_RATIO). Six runs, two at a
+    time (one thread each)."""
     jobs, dirs = [], {}
     for bits, steps in SHORT_ORDER_STEPS.items():
         for method in ("ptq", "qdrop", "aphq"):

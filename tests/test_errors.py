@@ -109,10 +109,10 @@ def test_cli_error_is_last_line(cli, case: str, expected: list[str]) -> None:
 
 
 @pytest.mark.parametrize("arg, pattern", [
-    ("model=foo", r"unknown model 'foo'; available: deit_b, deit_s, deit_t, demo, swin_b, .*model=NAME"),
+    ("model=foo", r"unknown model 'foo'; available: .*deit_b, deit_s, deit_t, demo, .*model=NAME"),
     ("method=foo", r"unknown method 'foo'; available: .*fp.*ptq.*method=NAME"),
     ("bits=w9a9", r"unknown bits 'w9a9'; available: .*w4a4.*w8a8.*bits=NAME"),
-    ("dataset=foo", r"unknown dataset 'foo'; available: auto, digits, imagenet, imagenet_sample.*dataset=NAME"),
+    ("dataset=foo", r"unknown dataset 'foo'; available: auto, .*digits, imagenet, imagenet_sample.*dataset=NAME"),
     ("logger=foo", r"unknown logger 'foo'; available: .*jsonl"),
     ("model=deit_t,bar", r"unknown model 'bar'"),  # each element of a sweep list
 ])

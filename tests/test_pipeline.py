@@ -14,7 +14,7 @@ import timm
 import torch
 
 from common.run.pipeline import run
-from conftest import DEMO_WEIGHTS, compose_cfg, last_line, perturbed_timm, point_at, read_jsonl, run_py
+from conftest import DEMO_WEIGHTS, compose_cfg, last_line, perturbed_timm, point_at, read_jsonl, run_py, top1_tolerance
 
 REQUIRED = ("model", "method", "bits", "dataset", "n_calib", "n_eval", "fp_top1", "fp_top5", "quant_top1",
             "quant_top5", "top1_agreement", "kl_to_fp", "timings", "seed")
@@ -109,8 +109,12 @@ def test_demo_w8a8_results(w8a8, demo_dir) -> None:
 def test_demo_w4a4_is_worse_than_w8a8(w4a4, w8a8) -> None:
     assert (w4a4["bits"], w4a4["w_bit"], w4a4["a_bit"]) == ("w4a4", 4, 4)
     assert w4a4["fp_top1"] == w8a8["fp_top1"]  # same FP model and eval set
-    assert w4a4["kl_to_fp"] > w8a8["kl_to_fp"]
-    assert w4a4["top1_agreement"] <= w8a8["top1_agreement"]
+    # ptq seeds 0 / 1 / 2: KL 0.0423 / 0.0517 / 0.0374 (W4A4) vs 0.00027 / 0.00025 / 0.00038 (W8A8), > 100x
+    # apart, so a 10x margin; top-1 agreement 97.0 / 96.0 / 97.5 vs 99.5 / 100 / 99.0, compared only up to
+    # 2 SE of the difference of two accuracies on the 400-image test split (conftest.top1_tolerance)
+    assert w4a4["kl_to_fp"] > 10 * w8a8["kl_to_fp"], (w4a4["kl_to_fp"], w8a8["kl_to_fp"])
+    tol = top1_tolerance(w4a4["top1_agreement"], w8a8["top1_agreement"], w8a8["n_eval"])
+    assert w4a4["top1_agreement"] <= w8a8["top1_agreement"] + tol
     assert w4a4["quant_top1"] > 50, "W4A4 PTQ should stay far above chance (10%) on the demo"
 
 

@@ -87,6 +87,54 @@ def test_outlier_vote_matches_numpy_counter():
         assert outlier_columns(w, k).tolist() == [c for c, _ in counts.most_common(k)]
 
 
+def _integer_rank_rows(rows: int = 24, seed: int = 5) -> torch.Tensor:
+    """Rows of 101 negative and 101 positive float32 entries, so both percentile ranks are integers:
+    (101 − 1)·0.01 = 1 and (101 − 1)·0.99 = 99. The second- and third-most negative entries are far
+    apart, so a level off by one ulp (1 − 0.99 = 0.010000000000000009) moves the threshold past the
+    second one and flags it too."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(rows):
+        small = torch.rand(99, generator=g) * 1e-3 + 1e-5
+        neg = -torch.cat([torch.tensor([2.0, 1.0]) * (1 + torch.rand(2, generator=g)), small])
+        pos = torch.cat([torch.tensor([2.0, 1.0]) * (1 + torch.rand(2, generator=g)),
+                         torch.rand(99, generator=g) * 0.5])
+        row = torch.cat([neg, pos])
+        out.append(row[torch.randperm(row.numel(), generator=g)])
+    return torch.stack(out).float()
+
+
+def _numpy_vote(w: torch.Tensor, neg_level: float) -> Counter:
+    """The reference's vote, with numpy in float64: np.percentile(pos, 99), np.percentile(neg, neg_level)."""
+    counts = Counter()
+    for row in w.double().numpy():
+        pos, neg = row[row > 0], row[row < 0]
+        p = np.percentile(pos, 99) if pos.size else np.nan
+        q = np.percentile(neg, neg_level) if neg.size else np.nan
+        counts.update(np.where((row > p) | (row < q))[0].tolist())
+    return counts
+
+
+def test_outlier_vote_levels_are_exact_at_integer_ranks():
+    """The negative threshold is np.percentile(neg, 100 − 99) = the 1st percentile exactly (reference),
+    not the (1 − 0.99)·100 = 1.0000000000000009th: at an integer rank the latter flags one more weight."""
+    from erq.dual_uniform import row_percentile_of_sign
+
+    w = _integer_rank_rows()
+    w64 = w.double().numpy()
+    neg_ref = np.array([np.percentile(r[r < 0], 100 - 99) for r in w64])
+    pos_ref = np.array([np.percentile(r[r > 0], 99) for r in w64])
+    assert np.array_equal(row_percentile_of_sign(w, 1.0, positive=False).numpy(), neg_ref)
+    assert np.array_equal(row_percentile_of_sign(w, 99.0, positive=True).numpy(), pos_ref)
+    # the rank is an integer: the threshold is the second-smallest negative itself, so one weight per row is flagged
+    assert np.array_equal(neg_ref, np.sort(w64, 1)[:, 1])
+    exact, off = _numpy_vote(w, 100 - 99), _numpy_vote(w, (1 - 0.99) * 100)
+    assert sum(off.values()) == sum(exact.values()) + w.shape[0]  # the inexact level bites on every row
+    k = 10
+    assert outlier_columns(w, k).tolist() == [c for c, _ in exact.most_common(k)]
+    assert outlier_columns(w, k).tolist() != [c for c, _ in off.most_common(k)]
+
+
 def test_dual_uniform_quantizer_uses_two_grids():
     w = torch.randn(40, 16, generator=torch.Generator().manual_seed(3)) * 0.1
     w[:, 3] *= 20  # an inflated column (what reparameterization produces)

@@ -88,6 +88,24 @@ def test_sweep_and_report(slurm: dict[str, str], tmp_path: Path) -> None:
     assert rows[0].startswith("bits,method,demo") and len(rows) == 4  # header + fp + ptq x 2 bits
 
 
+def test_cpu_sweep_without_gpu_settings(slurm: dict[str, str], tmp_path: Path) -> None:
+    """`python run.py -m launcher=slurm method=ptq bits=w4a4,w8a8` as a user types it, on a cluster without GPU
+    gres (the CI one): the demo's jobs ask for no GPU (cluster.gpus_per_node: auto), so sbatch accepts them and
+    both finish. cluster.gpus_per_node is deliberately left at its default here."""
+    sweep = tmp_path / "cpu_sweep"
+    cluster = [c for c in CLUSTER if not c.startswith("cluster.gpus_per_node=")]
+    cmd = [sys.executable, "run.py", "-m", "launcher=slurm", "method=ptq", "bits=w4a4,w8a8",
+           f"hydra.sweep.dir={sweep}", "num_threads=1", *cluster]
+    p = subprocess.run(cmd, cwd=REPO, env=slurm, capture_output=True, text=True, timeout=400)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    results = sorted(sweep.glob("*/results.json"))
+    assert len(results) == 2, f"expected 2 jobs' results, got {results}; {p.stderr[-2000:]}"
+    got = {(r["method"], r["bits"]) for r in map(lambda f: json.loads(f.read_text()), results)}
+    assert got == {("ptq", "w4a4"), ("ptq", "w8a8")}
+    scripts = list((sweep / ".submitit").rglob("*_submission.sh"))
+    assert scripts and not any("--gpus-per-node" in s.read_text() for s in scripts)
+
+
 def test_preemption_requeue_resume(slurm: dict[str, str], tmp_path: Path) -> None:
     """USR2 mid-run (after fp_eval is saved): the job is requeued into the same dir, resumes from the saved
     stage (loaded, not recomputed), computes the rest once and finishes; the sweep returns normally."""

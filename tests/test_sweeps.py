@@ -19,7 +19,8 @@ from common.run.config import CONF_DIR, register_resolvers
 
 REPO = Path(__file__).resolve().parents[1]
 SWEEPS = REPO / "sweeps"
-EXPECTED_JOBS = {"ci_demo": 4, "aphq_table": 14, "erq_table": 14, "baselines": 63, "erq_coe": 24, "aphq_pct": 12}
+EXPECTED_JOBS = {"ci_demo": 4, "aphq_table": 14, "erq_table": 14, "baselines": 63, "erq_coe": 24, "aphq_pct": 12,
+                 "fimaq_table": 21, "erq_sr_table": 16, "detection_table": 16}
 
 
 def _jobs(params: dict) -> list[list[str]]:
@@ -108,7 +109,7 @@ def test_launcher_configs(launcher: str, target: str) -> None:
         cfg.hydra.sweep.dir = "/tmp/x"  # ${now:} needs a running Hydra app
         hl = OmegaConf.to_container(cfg.hydra.launcher, resolve=True)
         assert (hl["partition"], hl["timeout_min"], hl["additional_parameters"]) == ("gpu", 30, {"nice": 10})
-        assert hl["max_num_timeout"] == 3 and hl["gpus_per_node"] == 1 and hl["setup"] == []
+        assert hl["max_num_timeout"] == 3 and hl["gpus_per_node"] == 0 and hl["setup"] == []  # demo: a CPU job
         example = OmegaConf.load(REPO / "conf" / "local.example" / "default.yaml")
         merged = OmegaConf.merge(cfg, example)
         assert OmegaConf.to_container(merged.hydra.launcher, resolve=True)["partition"] == "gpu"

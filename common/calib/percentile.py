@@ -180,6 +180,9 @@ def search_uniform_percentile(x: torch.Tensor, bits: int, probs: Sequence[float]
     """
     x = x.float()
     k = len(probs)
+    # lower levels exactly as the references write them: torch.quantile(x, 1.0 - pct) with a Python float
+    # (1 − 0.99 = 0.010000000000000009, rounded to float32 by torch) and, above 2^24 elements,
+    # np.percentile(x, (1 - pct) * 100); `_ranks` reproduces both from these values
     q = group_quantiles(x, list(probs) + [1.0 - p for p in probs])  # one sort / tail pass for both ends
     q_hi, q_lo = q[:, :k], q[:, k:]
     levels = 2 ** bits - 1

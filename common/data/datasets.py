@@ -11,10 +11,17 @@ Three datasets, one interface (:class:`PTQData`):
   and augmentation is the identity because 8x8 digits have no crop/flip/colour augmentation
   that preserves the label in a meaningful way).
 
-Calibration sets are the first ``n`` images of ONE permutation seeded by the run seed, so a
-128-image set is the prefix of the 1024-image set (APHQ relies on this). For the ImageNet
-folders the permutation is ``numpy.random.RandomState(seed).permutation(len(train))``, which is
-what APHQ's ``np.random.seed(3407); np.random.permutation(...)`` gives for the same file order.
+Calibration sets are the first ``n`` images of ONE order of the calibration source, so a
+128-image set is the prefix of the 1024-image set (APHQ relies on this). The order is the
+dataset's ``calib_draw`` seeded by ``calib_seed`` (default: the run seed), :func:`calibration_order`:
+
+* ``numpy_perm`` (default): ``numpy.random.RandomState(seed).permutation(len(train))``, which is
+  what APHQ's ``np.random.seed(3407); np.random.permutation(...)`` gives for the same file order;
+* ``torch_loader``: the order in which ``DataLoader(ImageFolder(train), shuffle=True)`` yields
+  samples right after ``torch.manual_seed(seed)`` (ERQ / RepQ-ViT take its first batch).
+
+The methods' presets (``method.data`` in conf/method/, applied by ``common.run.config``) choose the
+draw, its seed and the evaluation crop of each reference; ``docs/reproducing.md`` lists them.
 Augmented draws use timm's training transform with Python's ``random`` and torch's CPU generator
 seeded per (seed, draw, image), so each draw is reproducible and independent of ``n``; the
 global RNG states are restored afterwards. (APHQ's own crops are unseeded, aphq spec §8.)
@@ -42,7 +49,8 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from common.errors import UserError
 
-__all__ = ["PTQData", "build_data", "IMAGENET_SAMPLE_ROOT", "imagenet_wnids", "DATASETS"]
+__all__ = ["PTQData", "build_data", "IMAGENET_SAMPLE_ROOT", "imagenet_wnids", "DATASETS", "CALIB_DRAWS",
+           "calibration_order"]
 
 #: Default root of ``imagenet_sample``: 1000 real ImageNet val images, one per class, shipped here.
 IMAGENET_SAMPLE_ROOT: Path = Path(__file__).resolve().parent / "assets" / "imagenet_sample"
@@ -50,6 +58,8 @@ IMAGENET_SAMPLE_ROOT: Path = Path(__file__).resolve().parent / "assets" / "image
 DATASETS: tuple[str, ...] = ("imagenet", "imagenet_sample", "digits")
 #: Seed of the fixed calibration/evaluation split of ``imagenet_sample`` (never the run seed).
 SAMPLE_SPLIT_SEED: int = 0
+#: Calibration orders :func:`calibration_order` knows (``dataset.calib_draw``).
+CALIB_DRAWS: tuple[str, ...] = ("numpy_perm", "torch_loader")
 _IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
 
@@ -127,6 +137,35 @@ class _FileDataset(Dataset):
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         return self.transform(_decode(self.files[i])), self.labels[i]
+
+
+# --------------------------------------------------------------------------- calibration order
+
+
+def calibration_order(n: int, draw: str, seed: int) -> np.ndarray:
+    """The order (a permutation of ``range(n)``) in which calibration images are taken.
+
+    ``numpy_perm``: ``np.random.RandomState(seed).permutation(n)`` (= ``np.random.seed(seed);
+    np.random.permutation(n)``, APHQ's ``calib_loader``).
+
+    ``torch_loader``: the sample order of ``DataLoader(dataset, shuffle=True)`` (any batch size,
+    ``drop_last``, worker count) iterated right after ``torch.manual_seed(seed)``, as ERQ and
+    RepQ-ViT draw their calibration batch. In torch 2.x the loader's iterator first draws its
+    ``_base_seed`` (one int64 ``random_()`` from the default generator), then the ``RandomSampler``
+    without a generator seeds a fresh ``torch.Generator`` with the next int64 ``random_()`` and
+    yields ``torch.randperm(n, generator=that)``. Both draws are replayed on a private generator
+    seeded with ``seed`` (the global RNG is not touched). Checked against a real DataLoader in
+    tests/test_reproducing.py; other torch versions may order differently.
+    """
+    if draw not in CALIB_DRAWS:
+        raise UserError(f"dataset.calib_draw must be one of {', '.join(CALIB_DRAWS)}, got {draw!r}: "
+                        "fix `dataset.calib_draw=`")
+    if draw == "numpy_perm":
+        return np.random.RandomState(seed).permutation(n)
+    outer = torch.Generator().manual_seed(int(seed))
+    torch.empty((), dtype=torch.int64).random_(generator=outer)  # _BaseDataLoaderIter._base_seed
+    sampler_seed = int(torch.empty((), dtype=torch.int64).random_(generator=outer).item())
+    return torch.randperm(n, generator=torch.Generator().manual_seed(sampler_seed)).numpy()
 
 
 # --------------------------------------------------------------------------- seeded augmentation
@@ -284,14 +323,15 @@ def _positive_int(value: Any, key: str) -> int:
     return int(value)
 
 
-def _transforms(model: nn.Module, crop_pct: float | None) -> tuple[Callable, Callable, dict[str, Any]]:
-    """timm's eval and train transforms from the model's data config (``crop_pct`` optionally overridden)."""
+def _transforms(model: nn.Module, crop_pct: float | str | None) -> tuple[Callable, Callable, dict[str, Any]]:
+    """timm's eval and train transforms from the model's data config (``crop_pct`` optionally overridden;
+    None or ``"timm"`` keeps timm's)."""
     import timm.data
 
     dc = dict(timm.data.resolve_model_data_config(model))
-    if crop_pct is not None:
-        if not 0 < float(crop_pct) <= 1:
-            raise UserError(f"dataset.crop_pct must be in (0, 1], got {crop_pct!r}: fix `dataset.crop_pct=`")
+    if crop_pct is not None and crop_pct != "timm":
+        if isinstance(crop_pct, bool) or not isinstance(crop_pct, (int, float)) or not 0 < float(crop_pct) <= 1:
+            raise UserError(f"dataset.crop_pct must be in (0, 1] or `timm`, got {crop_pct!r}: fix `dataset.crop_pct=`")
         dc["crop_pct"] = float(crop_pct)
     if tuple(dc["input_size"])[0] != 3:
         raise UserError(
@@ -301,6 +341,32 @@ def _transforms(model: nn.Module, crop_pct: float | None) -> tuple[Callable, Cal
     eval_tf = timm.data.create_transform(**dc, is_training=False)
     train_tf = timm.data.create_transform(**dc, is_training=True)
     return eval_tf, train_tf, {k: (list(v) if isinstance(v, tuple) else v) for k, v in dc.items()}
+
+
+def _describe(transform: Any) -> str:
+    """One line naming each step of a torchvision Compose, e.g. ``Resize(size=256, ...) -> CenterCrop(...)``."""
+    steps = getattr(transform, "transforms", [transform])
+    return " -> ".join(" ".join(repr(s).split()) for s in steps)
+
+
+def _crop_origin(cfg: Mapping[str, Any]) -> str:
+    """Where the evaluation crop came from: timm's data config, the method's preset, or `dataset.crop_pct`."""
+    if cfg.get("crop_pct") in (None, "timm"):
+        return "timm data config"
+    return "method preset (data.crop_pct)" if "crop_pct=" in str(cfg.get("preset") or "") else "dataset.crop_pct"
+
+
+def _calib_settings(cfg: Mapping[str, Any], seed: int) -> tuple[str, int]:
+    """``dataset.calib_draw`` (default numpy_perm) and ``dataset.calib_seed`` (default the run seed), checked."""
+    draw = _get(cfg, "calib_draw", "numpy_perm")
+    if draw not in CALIB_DRAWS:
+        raise UserError(f"dataset.calib_draw must be one of {', '.join(CALIB_DRAWS)}, got {draw!r}: "
+                        "fix `dataset.calib_draw=`")
+    calib_seed = _get(cfg, "calib_seed", seed)
+    if isinstance(calib_seed, bool) or not isinstance(calib_seed, (int, np.integer)) or not 0 <= calib_seed < 2**32:
+        raise UserError(f"dataset.calib_seed must be an integer in [0, 2**32) or null, got {calib_seed!r}: "
+                        "fix `dataset.calib_seed=`")
+    return str(draw), int(calib_seed)
 
 
 EVAL_SUBSETS = ("spread", "first")
@@ -330,9 +396,11 @@ def build_data(dataset_cfg: Mapping[str, Any], model: nn.Module, seed: int) -> P
             ``n_calib``, ``n_eval`` (None = all), ``eval_subset`` (which n_eval images:
             "spread" evenly over the sorted set, or "first"), ``eval_batch_size``, ``num_workers``;
             ``calib_pool`` (imagenet_sample, default 256); optional ``crop_pct`` overriding
-            timm's (e.g. 0.875 for DeiT as RepQ-ViT/ERQ evaluate; None = timm's value).
+            timm's (e.g. 0.875 for DeiT as RepQ-ViT/ERQ evaluate; None or ``timm`` = timm's value);
+            ``calib_draw`` (``numpy_perm`` default | ``torch_loader``, :func:`calibration_order`) and
+            ``calib_seed`` (None = ``seed``); ``preset`` (what the method preset filled, recorded).
         model: the FP model; its timm data config gives the transforms.
-        seed: run seed (calibration order and augmentations).
+        seed: run seed (augmentations; the calibration order unless ``calib_seed`` is set).
 
     Raises:
         UserError: unknown name, missing folders, sizes larger than what exists.
@@ -352,10 +420,11 @@ def build_data(dataset_cfg: Mapping[str, Any], model: nn.Module, seed: int) -> P
         raise UserError(f"dataset.num_workers must be >= 0, got {num_workers}: fix `dataset.num_workers=`")
 
     common = dict(name=name, seed=seed, n_calib=n_calib, eval_batch_size=eval_batch_size, num_workers=num_workers)
+    draw, calib_seed = _calib_settings(dataset_cfg, seed)
     if name == "digits":
-        data = _build_digits(model, seed, common)
+        data = _build_digits(model, seed, common, draw, calib_seed)
     else:
-        data = _build_folders(name, dataset_cfg, model, seed, common)
+        data = _build_folders(name, dataset_cfg, model, seed, common, draw, calib_seed)
 
     n_eval_available = len(data._eval_dataset)  # type: ignore[arg-type]
     if n_eval is not None:
@@ -368,17 +437,19 @@ def build_data(dataset_cfg: Mapping[str, Any], model: nn.Module, seed: int) -> P
         data._eval_dataset = torch.utils.data.Subset(data._eval_dataset, subset)  # type: ignore[arg-type]
     data._check_n(n_calib)  # n_calib larger than the source -> UserError now, not mid-run
     data.info.update(
-        n_calib=n_calib,
         n_calib_available=data.n_calib_available,
-        calib_ids=data.calibration_ids(n_calib),
+        calib_ids=data.calibration_ids(n_calib),  # the pipeline replaces these by the prefix the method drew
         n_eval=len(data._eval_dataset),  # type: ignore[arg-type]
         n_eval_available=n_eval_available,
         seed=seed,
+        calib_draw=draw,
+        calib_seed=calib_seed,
+        preset=dataset_cfg.get("preset"),
     )
     return data
 
 
-def _build_digits(model: nn.Module, seed: int, common: dict[str, Any]) -> PTQData:
+def _build_digits(model: nn.Module, seed: int, common: dict[str, Any], draw: str, calib_seed: int) -> PTQData:
     """Digits: calibration from ``calib_pool``, evaluation on ``test`` (fixed split, no transform)."""
     import timm.data
 
@@ -391,7 +462,7 @@ def _build_digits(model: nn.Module, seed: int, common: dict[str, Any]) -> PTQDat
         raise UserError(
             f"dataset=digits gives {tuple(images.shape[1:])} images but the model takes {input_size}: use `model=demo`"
         )
-    order = torch.from_numpy(np.random.RandomState(seed).permutation(len(labels)))
+    order = torch.from_numpy(calibration_order(len(labels), draw, calib_seed))
     pool_ids = digits_split_indices()["calib_pool"]
     test_x, test_y = split["test"]
     return PTQData(
@@ -399,7 +470,7 @@ def _build_digits(model: nn.Module, seed: int, common: dict[str, Any]) -> PTQDat
         info={
             "dataset": "digits",
             "root": None,
-            "calib_source": "digits calib_pool (197 images), permuted by the run seed",
+            "calib_source": f"digits calib_pool (197 images), in {draw} order (seed {calib_seed})",
             "eval_split": "digits test split (400 images, fixed order of common.data.digits)",
             "augmentation": "identity (digits are already tensors)",
             "transform": "none (images are normalised tensors)",
@@ -411,7 +482,8 @@ def _build_digits(model: nn.Module, seed: int, common: dict[str, Any]) -> PTQDat
     )
 
 
-def _build_folders(name: str, cfg: Mapping[str, Any], model: nn.Module, seed: int, common: dict[str, Any]) -> PTQData:
+def _build_folders(name: str, cfg: Mapping[str, Any], model: nn.Module, seed: int, common: dict[str, Any],
+                   draw: str, calib_seed: int) -> PTQData:
     """``imagenet`` (train/ + val/) or ``imagenet_sample`` (val/ split into calibration pool and rest)."""
     root_cfg = cfg.get("root")
     if root_cfg in (None, ""):
@@ -432,13 +504,13 @@ def _build_folders(name: str, cfg: Mapping[str, Any], model: nn.Module, seed: in
                 )
         train = _scan_folder(root / "train", "ImageNet train")
         val = _scan_folder(root / "val", "ImageNet val")
-        order = np.random.RandomState(seed).permutation(len(train.files))
+        order = calibration_order(len(train.files), draw, calib_seed)
         calib_files = [train.files[i] for i in order]
         calib_labels = [train.labels[i] for i in order]
         calib_ids = [f"train/{p}" for p in train.ids(order)]
         eval_files, eval_labels = list(val.files), list(val.labels)
         label_map = val.label_map
-        calib_source = f"train/ ({len(train.files)} images), permuted with RandomState(seed)"
+        calib_source = f"train/ ({len(train.files)} images, ImageFolder order), in {draw} order (seed {calib_seed})"
         eval_split = f"val/ ({len(val.files)} images, sorted order)"
     else:
         if not (root / "val").is_dir():
@@ -452,7 +524,7 @@ def _build_folders(name: str, cfg: Mapping[str, Any], model: nn.Module, seed: in
             )
         split = np.random.RandomState(SAMPLE_SPLIT_SEED).permutation(len(sample.files))
         pool_idx, rest_idx = split[:pool], np.sort(split[pool:])
-        order = pool_idx[np.random.RandomState(seed).permutation(pool)]
+        order = pool_idx[calibration_order(pool, draw, calib_seed)]
         calib_files = [sample.files[i] for i in order]
         calib_labels = [sample.labels[i] for i in order]
         calib_ids = [f"val/{p}" for p in sample.ids(order)]
@@ -461,7 +533,7 @@ def _build_folders(name: str, cfg: Mapping[str, Any], model: nn.Module, seed: in
         label_map = sample.label_map
         calib_source = (
             f"val/: the {pool} files first in RandomState({SAMPLE_SPLIT_SEED}).permutation (fixed pool), "
-            "permuted with RandomState(seed)"
+            f"in {draw} order (seed {calib_seed})"
         )
         eval_split = f"val/ minus the calibration pool ({len(eval_files)} images, sorted order)"
 
@@ -474,6 +546,12 @@ def _build_folders(name: str, cfg: Mapping[str, Any], model: nn.Module, seed: in
             "eval_split": eval_split,
             "label_map": label_map,
             "data_config": dc,
+            "transform": {
+                "eval": _describe(eval_tf),  # also the un-augmented calibration images
+                "crop_pct": dc["crop_pct"],
+                "interpolation": dc["interpolation"],
+                "crop_pct_from": _crop_origin(cfg),
+            },
             "augmentation": "timm create_transform(is_training=True), seeded per (seed, draw, image)",
         },
         _calib_files=calib_files,

@@ -50,7 +50,10 @@ def model_family(model: nn.Module) -> str:
 
 
 def model_units(model: nn.Module) -> list[Unit]:
-    """The model's units in forward order."""
+    """The model's units in forward order (a model with a `vitq_units()` method, e.g. a task adapter such as
+    `common.tasks.sr.SRModel`, defines its own)."""
+    if callable(getattr(model, "vitq_units", None)):
+        return model.vitq_units()
     family = model_family(model)
     units = [Unit("patch_embed", model.patch_embed, kind="patch_embed")]
     if family == "vit":

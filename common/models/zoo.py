@@ -6,8 +6,14 @@ Every method starts from the same FP model, so weight handling lives here once:
   ``state_dict`` dicts, plain state dicts, ``.safetensors``, original JAX ``.npz`` for ViT/DeiT).
   This is how the papers' numbers are reproduced: APHQ/ERQ used the AdaLog v1.0 release files,
   not timm's current default tags (aphq spec §8).
-* ``model.pretrained=true`` without a checkpoint asks the timm / Hugging Face hub (or its cache).
-  When the hub cannot be reached the error names both ways to get weights, and it comes fast:
+* ``model.pretrained=true`` with ``model.checkpoint_url`` (the AdaLog v1.0 release file of
+  conf/model/NAME.yaml) fetches that file once into torch's hub cache
+  (``torch.hub.get_dir()/checkpoints/<file name>``) and loads it like ``model.checkpoint``; a cached
+  file is used without any network. ``http(s)://`` and ``file://`` URLs work.
+* ``model.pretrained=true`` without either asks the timm / Hugging Face hub (or its cache) for
+  ``timm_name.pretrained_tag`` (the tag whose accuracy is the papers' FP column; timm 1.0's default
+  tags differ, e.g. ViT-B augreg2 at 85.1% instead of the tables' 84.54%).
+  When the network cannot be reached the error names the ways to get weights, and it comes fast:
   huggingface_hub would otherwise retry for about a minute.
 * ``model.pretrained=false`` gives a random init (benchmarks, tests).
 
@@ -34,7 +40,7 @@ from torch import nn
 
 from common.errors import UserError
 
-__all__ = ["build_model", "data_config", "load_checkpoint"]
+__all__ = ["build_model", "data_config", "load_checkpoint", "fetch_checkpoint", "weights_source"]
 
 
 # --------------------------------------------------------------------------- public API
@@ -46,8 +52,11 @@ def build_model(cfg: Mapping[str, Any]) -> nn.Module:
     Args:
         cfg: mapping (DictConfig or dict), normally the composed ``model`` group node
             (``conf/model/NAME.yaml``, the one place where a model's timm name lives): ``name``,
-            ``timm_name``, optionally ``checkpoint`` (path or None), ``pretrained`` (bool, default
-            False) and ``kwargs`` (extra ``timm.create_model`` arguments, e.g. ``{"depth": 1}``).
+            ``timm_name``, optionally ``pretrained_tag`` (timm tag, e.g. ``augreg_in21k_ft_in1k``),
+            ``checkpoint`` (path or None), ``checkpoint_url`` (release file fetched into torch's hub
+            cache when ``pretrained``), ``pretrained`` (bool, default False) and ``kwargs`` (extra
+            ``timm.create_model`` arguments, e.g. ``{"depth": 1}``). Precedence: checkpoint, then
+            checkpoint_url, then the hub tag; ``pretrained=false`` without a checkpoint = random init.
 
     Raises:
         UserError: unknown name, bad kwargs, unreadable or mismatching checkpoint, hub
@@ -59,6 +68,7 @@ def build_model(cfg: Mapping[str, Any]) -> nn.Module:
         raise UserError(f"model {name!r} has no timm_name: pick a model from conf/model/ (e.g. `model=deit_s`) "
                         f"or add conf/model/{name}.yaml with its timm_name")
     checkpoint = _get(cfg, "checkpoint")
+    url = _get(cfg, "checkpoint_url")
     pretrained = bool(_get(cfg, "pretrained", False))
     kwargs = _plain(_get(cfg, "kwargs") or {})
 
@@ -70,16 +80,111 @@ def build_model(cfg: Mapping[str, Any]) -> nn.Module:
             "fix `model.timm_name=` or pick a model from conf/model/"
         )
 
+    arch = _tagged(name, timm_name, _get(cfg, "pretrained_tag"))
+
     if checkpoint not in (None, ""):
-        model = _create(timm_name, pretrained=False, kwargs=kwargs)
+        model = _create(arch, pretrained=False, kwargs=kwargs)
         load_checkpoint(model, checkpoint, model_name=name)
     elif pretrained and timm_name == "vit_digits":
         model = _create_digits_pretrained(kwargs)
+    elif pretrained and url not in (None, ""):
+        path = fetch_checkpoint(str(url), model_name=name, hub_name=arch)
+        model = _create(arch, pretrained=False, kwargs=kwargs)
+        load_checkpoint(model, path, model_name=name)
     elif pretrained:
-        model = _create_from_hub(timm_name, kwargs)
+        model = _create_from_hub(arch, kwargs)
     else:
-        model = _create(timm_name, pretrained=False, kwargs=kwargs)
+        model = _create(arch, pretrained=False, kwargs=kwargs)
     return model.float().cpu().eval()
+
+
+def weights_source(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """Where :func:`build_model` takes the weights of ``cfg`` from (for the results record).
+
+    ``source`` is ``checkpoint`` (``file``), ``checkpoint_url`` (``url`` and the cache ``file``),
+    ``timm_hub`` (``timm`` = name.tag), ``bundled`` (the demo) or ``random``.
+    """
+    timm_name, tag = _get(cfg, "timm_name"), _get(cfg, "pretrained_tag")
+    arch = f"{timm_name}.{tag}" if tag else timm_name
+    checkpoint, url = _get(cfg, "checkpoint"), _get(cfg, "checkpoint_url")
+    if checkpoint not in (None, ""):
+        return {"source": "checkpoint", "file": str(checkpoint), "timm": arch}
+    if not bool(_get(cfg, "pretrained", False)):
+        return {"source": "random", "timm": arch}
+    if timm_name == "vit_digits":
+        return {"source": "bundled", "timm": arch}
+    if url not in (None, ""):
+        return {"source": "checkpoint_url", "url": str(url), "file": str(_cache_path(str(url))), "timm": arch}
+    return {"source": "timm_hub", "timm": arch}
+
+
+def fetch_checkpoint(url: str, model_name: str | None = None, hub_name: str | None = None) -> Path:
+    """The local copy of a weights file at ``url``, downloaded once into torch's hub cache.
+
+    The file lives at ``torch.hub.get_dir()/checkpoints/<last part of the URL path>`` (``$TORCH_HOME``
+    moves it); when it is there, no network is used. Otherwise it is fetched with
+    ``torch.hub.download_url_to_file`` (a partial download never replaces the file). ``file://`` URLs
+    are read directly (urllib supports them), which is how the tests exercise this path.
+    Offline (``HF_HUB_OFFLINE=1``, or the host not answering a 3 s TCP probe without a proxy) fails at
+    once with a one-line :class:`UserError`, as any failed download does.
+    """
+    label = model_name or "the model"
+    dst = _cache_path(url)
+    if dst.is_file():
+        return dst
+    parsed = urlparse(url)
+    alternative = f"or set `model.checkpoint_url=null` to use the timm hub tag {hub_name}" if hub_name else ""
+    fix = (f"pass a local copy with `model.checkpoint=/path/to/{dst.name}`, put the file at {dst}"
+           + (f", {alternative}" if alternative else ""))
+    if parsed.scheme in ("http", "https") and not _url_reachable(parsed):
+        raise UserError(f"could not get pretrained weights for {label!r} from {url} (offline: "
+                        f"{parsed.hostname} unreachable or HF_HUB_OFFLINE set) and they are not cached: {fix}")
+    try:
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        torch.hub.download_url_to_file(url, str(dst), progress=sys.stderr.isatty())
+    except Exception as e:  # urllib / http / file errors come in many types
+        raise UserError(f"could not get pretrained weights for {label!r} from {url} "
+                        f"({type(e).__name__}: {_first_line(e, 150)}): {fix}") from e
+    return dst
+
+
+def _cache_path(url: str) -> Path:
+    """``torch.hub.get_dir()/checkpoints/<file name of url>`` (torch's own cache layout)."""
+    from urllib.parse import unquote
+
+    name = Path(unquote(urlparse(url).path)).name
+    if not name:
+        raise UserError(f"model.checkpoint_url={url!r} names no file: fix `model.checkpoint_url=`")
+    return Path(torch.hub.get_dir()) / "checkpoints" / name
+
+
+def _url_reachable(parsed: Any) -> bool:
+    """False when offline mode is set or the URL's host does not answer a TCP probe (a proxy: assume yes)."""
+    try:
+        from huggingface_hub import constants
+
+        offline = bool(constants.HF_HUB_OFFLINE)
+    except Exception:  # pragma: no cover
+        offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
+    if offline:
+        return False
+    if any(os.environ.get(v) for v in _PROXY_VARS):
+        return True
+    port = parsed.port or (80 if parsed.scheme == "http" else 443)
+    return _reachable(parsed.hostname or "", port)
+
+
+def _tagged(name: str, timm_name: str, tag: Any) -> str:
+    """``timm_name.tag`` after checking that timm knows the tag (else a one-line UserError)."""
+    if tag in (None, ""):
+        return timm_name
+    arch = f"{timm_name}.{tag}"
+    known = timm.list_pretrained(f"{timm_name}.*")
+    if arch not in known:
+        tags = ", ".join(k.split(".", 1)[1] for k in known) or "none"
+        raise UserError(f"timm has no pretrained tag {tag!r} for {timm_name!r} (model.pretrained_tag of {name!r}); "
+                        f"its tags: {tags}: fix `model.pretrained_tag=`")
+    return arch
 
 
 def data_config(model: nn.Module) -> dict[str, Any]:
@@ -172,7 +277,7 @@ def _create_from_hub(timm_name: str, kwargs: dict[str, Any]) -> nn.Module:
         raise UserError(
             f"could not get pretrained weights for {timm_name!r} from the timm hub "
             f"({type(e).__name__}: {_first_line(e)}): either pass a local file with "
-            f"`model.checkpoint=/path/to/{timm_name}.pth` (the AdaLog v1.0 release files reproduce "
+            f"`model.checkpoint=/path/to/{timm_name.split('.')[0]}.pth` (the AdaLog v1.0 release files reproduce "
             "the papers' numbers) or enable Hugging Face hub access / point HF_HOME at a populated cache"
         ) from e
 
@@ -189,14 +294,21 @@ def _hub_endpoint() -> tuple[str, int]:
     return url.hostname or "huggingface.co", url.port or (80 if url.scheme == "http" else 443)
 
 
-def _hub_reachable(timeout: float = 3.0) -> bool:
-    """One TCP connection attempt to the hub endpoint: True when it answers within ``timeout`` s."""
-    host, port = _hub_endpoint()
+_PROXY_VARS = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY")
+
+
+def _reachable(host: str, port: int, timeout: float = 3.0) -> bool:
+    """One TCP connection attempt: True when ``host:port`` answers within ``timeout`` s."""
     try:
         with socket.create_connection((host, port), timeout=timeout):
             return True
     except OSError:
         return False
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """One TCP connection attempt to the hub endpoint: True when it answers within ``timeout`` s."""
+    return _reachable(*_hub_endpoint(), timeout=timeout)
 
 
 @contextlib.contextmanager
@@ -213,7 +325,7 @@ def _fail_fast_when_hub_unreachable() -> Iterator[None]:
     except Exception:  # pragma: no cover
         yield
         return
-    proxied = any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY"))
+    proxied = any(os.environ.get(v) for v in _PROXY_VARS)
     if constants.HF_HUB_OFFLINE or proxied or _hub_reachable():
         yield
         return

@@ -4,10 +4,11 @@ from .primitives import (fake_quant_affine, fake_quant_log2, fake_quant_log_sqrt
                          qparams_from_range, round_ste)
 from .quantizers import LogQuantizer, Quantizer, UniformQuantizer, quant_state, quantizers_of, set_quant_state
 from .modules import QuantConv2d, QuantLinear, QuantMatMul
+from .adalog import AdaLogQuantizer, fake_quant_adalog, fold_gelu_shift
 
 __all__ = [
     "Granularity", "PerAxis", "PerChannel", "PerHead", "PerTensor", "PerToken",
     "fake_quant_affine", "fake_quant_symmetric", "fake_quant_log2", "fake_quant_log_sqrt2", "qparams_from_range",
     "round_ste", "Quantizer", "UniformQuantizer", "LogQuantizer", "quantizers_of", "set_quant_state", "quant_state",
-    "QuantLinear", "QuantConv2d", "QuantMatMul",
+    "QuantLinear", "QuantConv2d", "QuantMatMul", "AdaLogQuantizer", "fake_quant_adalog", "fold_gelu_shift",
 ]

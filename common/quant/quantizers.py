@@ -20,7 +20,13 @@ __all__ = ["Quantizer", "UniformQuantizer", "LogQuantizer", "quantizers_of", "se
 
 
 class Quantizer(nn.Module):
-    """Base class: identity unless enabled, calibrated and below 32 bits."""
+    """Base class: identity unless enabled, calibrated and below 32 bits.
+
+    Training protocol (block reconstruction uses only this, for every family): `scale_parameters()`
+    lists the parameters it may learn (empty for families without learned scales); the knobs `ste`
+    (straight-through rounding, the family's training form) and `drop_prob` (QDrop keep probability)
+    are set on every active activation quantizer while its unit trains, then reset.
+    """
 
     def __init__(self, bits: int, role: str = "act"):
         super().__init__()
@@ -29,6 +35,8 @@ class Quantizer(nn.Module):
         self.bits = check_bits(bits)
         self.role = role
         self.enabled = True
+        self.ste = False
+        self.drop_prob = 1.0
         self.register_buffer("calibrated", torch.tensor(False))
 
     @property
@@ -40,6 +48,10 @@ class Quantizer(nn.Module):
 
     def fake_quant(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def scale_parameters(self) -> list[nn.Parameter]:
+        """Parameters block reconstruction learns for this quantizer (its scales); none by default."""
+        return []
 
     def _resize_to_state(self, state_dict: dict, prefix: str, names: tuple[str, ...]) -> None:
         """Let a loaded checkpoint change parameter shapes (e.g. per-tensor -> per-token scales)."""
@@ -71,6 +83,9 @@ class UniformQuantizer(Quantizer):
         self.drop_prob = 1.0
         self.scale = nn.Parameter(torch.ones(1))
         self.register_buffer("zero_point", torch.zeros(1))
+
+    def scale_parameters(self) -> list[nn.Parameter]:
+        return [self.scale]
 
     def extra_repr(self) -> str:
         kind = "sym" if self.symmetric else "asym"
@@ -111,6 +126,9 @@ class LogQuantizer(Quantizer):
             raise ValueError(f"log quantizer base must be '2' or 'sqrt2', got {base!r}")
         self.base = base
         self.scale = nn.Parameter(torch.ones(1))
+
+    def scale_parameters(self) -> list[nn.Parameter]:
+        return [self.scale]
 
     def extra_repr(self) -> str:
         return f"bits={self.bits}, base={self.base}"

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from .granularity import Granularity, PerChannel, PerHead, PerTensor, PerToken
+from .adalog import GELU_SHIFT, AdaLogQuantizer
 from .modules import IdentityQuantizer
 from .primitives import check_bits
 from .quantizers import LogQuantizer, UniformQuantizer
@@ -48,7 +49,11 @@ class QuantScheme:
         ln_act_granularity: granularity at the LayerNorm-fed sites in `ln_sites` ("channel" for RepQ-style
             reparameterization before it is folded into the LayerNorm).
         matmul_granularity: "tensor" or "head" for both attention matmul operands.
-        softmax_quantizer: post-softmax quantizer: "uniform", "log2" or "log_sqrt2".
+        softmax_quantizer: post-softmax quantizer: "uniform", "log2", "log_sqrt2" or "adalog" (AdaLog,
+            per tensor, scale 1 until searched/learned, one base per layer).
+        softmax_a_bit: bits of matmul2's A operand, the post-softmax probabilities (None: a_bit; AdaLog's `s_bit`).
+        post_gelu_quantizer: fc2 input quantizer: "uniform" (at act_granularity) or "adalog" (AdaLog on
+            x + GELU_SHIFT, per tensor; the shift is later folded into fc2's bias).
         round_zero_point: round zero-points in the forward pass (APHQ) or allow fractional ones (RepQ/ERQ).
     """
 
@@ -63,16 +68,22 @@ class QuantScheme:
     ln_sites: tuple[str, ...] = ("qkv", "fc1")
     matmul_granularity: str = "tensor"
     softmax_quantizer: str = "uniform"
+    softmax_a_bit: int | None = None
+    post_gelu_quantizer: str = "uniform"
     symmetric_weights: bool = False
     round_zero_point: bool = True
     skip_sites: tuple[str, ...] = field(default_factory=tuple)
 
     def __post_init__(self):
-        for b in (self.w_bit, self.a_bit, self.patch_embed_a_bit, self.head_a_bit, self.head_w_bit):
+        for b in (self.w_bit, self.a_bit, self.patch_embed_a_bit, self.head_a_bit, self.head_w_bit,
+                  self.softmax_a_bit):
             if b is not None:
                 check_bits(b)
-        if self.softmax_quantizer not in ("uniform", "log2", "log_sqrt2"):
-            raise ValueError(f"softmax_quantizer must be uniform, log2 or log_sqrt2, not {self.softmax_quantizer!r}")
+        if self.softmax_quantizer not in ("uniform", "log2", "log_sqrt2", "adalog"):
+            raise ValueError("softmax_quantizer must be uniform, log2, log_sqrt2 or adalog, "
+                             f"not {self.softmax_quantizer!r}")
+        if self.post_gelu_quantizer not in ("uniform", "adalog"):
+            raise ValueError(f"post_gelu_quantizer must be uniform or adalog, not {self.post_gelu_quantizer!r}")
 
     def _act(self, bits: int, gran: str) -> nn.Module:
         if bits >= 32:
@@ -96,6 +107,8 @@ class QuantScheme:
             a = self.a_bit if self.head_a_bit is None else self.head_a_bit
             w = self.w_bit if self.head_w_bit is None else self.head_w_bit
             return self._act(a, "tensor"), self._weight(w)
+        if site == "fc2" and self.post_gelu_quantizer == "adalog" and self.a_bit < 32:
+            return AdaLogQuantizer(self.a_bit, shift=GELU_SHIFT), self._weight(self.w_bit)
         gran = self.ln_act_granularity if site in self.ln_sites else self.act_granularity
         return self._act(self.a_bit, gran), self._weight(self.w_bit)
 
@@ -104,8 +117,11 @@ class QuantScheme:
         if site in self.skip_sites:
             return IdentityQuantizer("act"), IdentityQuantizer("act")
         b = self._act(self.a_bit, self.matmul_granularity)
-        if site == "matmul2" and self.softmax_quantizer != "uniform" and self.a_bit < 32:
-            a = LogQuantizer(self.a_bit, base="2" if self.softmax_quantizer == "log2" else "sqrt2")
+        s_bit = self.a_bit if self.softmax_a_bit is None else self.softmax_a_bit
+        if site == "matmul2" and self.softmax_quantizer == "adalog" and s_bit < 32:
+            a = AdaLogQuantizer(s_bit)
+        elif site == "matmul2" and self.softmax_quantizer != "uniform" and s_bit < 32:
+            a = LogQuantizer(s_bit, base="2" if self.softmax_quantizer == "log2" else "sqrt2")
         else:
-            a = self._act(self.a_bit, self.matmul_granularity)
+            a = self._act(s_bit if site == "matmul2" else self.a_bit, self.matmul_granularity)
         return a, b

@@ -16,7 +16,7 @@ from torch import nn
 from .modules import QuantConv2d, QuantLinear, QuantMatMul
 from .scheme import QuantScheme, site_of
 
-__all__ = ["QuantViTAttention", "QuantWindowAttention", "wrap_model", "quant_layers"]
+__all__ = ["QuantViTAttention", "QuantWindowAttention", "wrap_model", "quant_layers", "register_attention"]
 
 
 class QuantViTAttention(Attention):
@@ -55,7 +55,14 @@ class QuantWindowAttention(WindowAttention):
         return self.proj_drop(self.proj(x))
 
 
-_ATTENTION_SWAPS = ((WindowAttention, QuantWindowAttention), (Attention, QuantViTAttention))
+_ATTENTION_SWAPS = [(WindowAttention, QuantWindowAttention), (Attention, QuantViTAttention)]
+
+
+def register_attention(base: type, quant_cls: type) -> None:
+    """Let `wrap_model` swap attention class `base` for `quant_cls` (a subclass whose forward calls
+    `self.matmul1` / `self.matmul2`); task model adapters (e.g. SwinIR in `common.tasks.sr`) call this."""
+    if (base, quant_cls) not in _ATTENTION_SWAPS:
+        _ATTENTION_SWAPS.append((base, quant_cls))
 
 
 def _swap_attention(module: nn.Module, scheme: QuantScheme) -> bool:
@@ -69,7 +76,10 @@ def _swap_attention(module: nn.Module, scheme: QuantScheme) -> bool:
 
 
 def wrap_model(model: nn.Module, scheme: QuantScheme) -> nn.Module:
-    """Wrap `model` in place and return it. Every wrapped module gets `.site` and `.qname` attributes."""
+    """Wrap `model` in place and return it. Every wrapped module gets `.site` and `.qname` attributes.
+    A model may name its own sites with a `quant_site(name, module)` method (default: `site_of`); a site of
+    None leaves that layer FP."""
+    site_fn = getattr(model, "quant_site", None) or site_of
     for name, module in list(model.named_modules()):
         if isinstance(module, (QuantLinear, QuantConv2d, QuantMatMul)):
             raise ValueError("model is already wrapped")
@@ -79,11 +89,13 @@ def wrap_model(model: nn.Module, scheme: QuantScheme) -> nn.Module:
                 sub.site, sub.qname = mm, f"{name}.{mm}"
         for child_name, child in list(module.named_children()):
             full = f"{name}.{child_name}" if name else child_name
+            if type(child) in (nn.Linear, nn.Conv2d) and site_fn(full, child) is None:
+                continue  # the model's `quant_site` keeps this layer FP (e.g. detection heads)
             if type(child) is nn.Linear:
-                site = site_of(full, child)
+                site = site_fn(full, child)
                 new = QuantLinear.from_float(child, *scheme.layer_quantizers(site))
             elif type(child) is nn.Conv2d:
-                site = site_of(full, child)
+                site = site_fn(full, child)
                 new = QuantConv2d.from_float(child, *scheme.layer_quantizers(site))
             else:
                 continue

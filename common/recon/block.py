@@ -3,16 +3,20 @@
 Units (`common.models.units.model_units`: patch_embed, every block, every Swin PatchMerging, head) are
 reconstructed in forward order. For each unit:
 
-* its weight quantizers become AdaRound (`common.recon.adaround`) and its activation quantizers switch to
-  STE rounding (their scales are learned) and, in `qdrop` mode, QDrop with `drop_prob`;
-* 'iters' steps of Adam on α (lr `w_lr`) and on the activation scales (lr `a_lr`, cosine to 0), each on
+* its weight quantizers become AdaRound (`common.recon.adaround`) and its activation quantizers, of
+  every family, switch to their training form (`ste`: straight-through rounding; AdaLog: the exact
+  base) and, in `qdrop` mode, QDrop with `drop_prob`; the parameters they declare through the
+  `Quantizer.scale_parameters()` protocol (uniform and log scales, AdaLog's scale) are learned;
+* 'iters' steps of Adam on α (lr `w_lr`) and on those scales (lr `a_lr`, cosine to 0), each on
   `randperm(N)[:batch_size]` samples:
 
       x     = x_q (qinp) | x_fp (rinp) | where(U < drop_prob, x_q, x_fp) elementwise (qdrop)
       rec   = mean((ŷ − y_fp)² · W)                    hessian_perturb / hessian_brecq (W broadcast or W[idx])
-            = mean_{other} Σ_{dim 1} (ŷ − y_fp)²   (|·| for mae)                  mse / mae
+            = mean_{other} Σ_{dim 1} (ŷ − y_fp)² / loss_div   (|·| for mae)       mse / mae
             = KL(softmax(y_fp) ‖ softmax(ŷ)) 'batchmean'                         head unit, any metric
       rec   ← 2·rec / rec₁  (rec₁ = first step's rec; `init_loss_norm`, post-73e78a7 reference)
+            = Σ_terms c_k·term_k / term_k⁰   in general (`loss_norm`: per-term scale c_k or unnormalised;
+              term_k⁰ re-taken whenever a `step_hook` asks; terms from the caller's `unit_loss`, metric custom)
       round = 0 for t < warmup·iters, else λ Σ (1 − |2h(α) − 1|^β(t))
       loss  = rec + round
 
@@ -48,16 +52,17 @@ from tqdm.auto import tqdm
 
 from common.recon.adaround import attach_adaround, beta_schedule, finalize_adaround
 from common.settings import dataclass_from
-from common.quant.quantizers import UniformQuantizer, quantizers_of
+from common.quant.quantizers import Quantizer, UniformQuantizer, quantizers_of
 from common.models.units import Unit, model_units
 
-__all__ = ["BlockReconConfig", "block_recon_config", "reconstruct_model", "unit_rec_loss", "keep_mask", "tune_cpu_allocator", "WeightsArg"]
+__all__ = ["BlockReconConfig", "block_recon_config", "reconstruct_model", "unit_rec_loss", "keep_mask",
+           "tune_cpu_allocator", "WeightsArg", "learned_scales", "StepHook", "HookState", "UnitLossFn"]
 
 #: weights(unit_name, quantized_input, fp_input) -> per-unit loss weights (1, *out) / (N, *out), or None.
 WeightsArg = Callable[[str, torch.Tensor, torch.Tensor], "torch.Tensor | None"] | Mapping[str, torch.Tensor] | None
 
 _MODES = ("qdrop", "qinp", "rinp")
-_METRICS = ("hessian_perturb", "hessian_brecq", "mse", "mae")
+_METRICS = ("hessian_perturb", "hessian_brecq", "mse", "mae", "custom")
 _IGNORED_KEYS = {"name", "n_images", "enabled", "temp", "eps", "keep_gpu", "head_loss", "draw", "augment",
                  "aph_mode", "aph_batch_size"}
 
@@ -75,11 +80,14 @@ class BlockReconConfig:
         beta_start, beta_end, warmup: β schedule 20 → 2, linear after the first `warmup`·iters steps.
         mode: block input: "qdrop" (elementwise mix), "qinp" (quantized prefix) or "rinp" (FP input).
         drop_prob: QDrop probability of KEEPING the quantized value (input mix and every act quantizer).
-        metric: "hessian_perturb" (APH), "hessian_brecq" (Fisher g²), "mse" or "mae".
+        metric: "hessian_perturb" (APH), "hessian_brecq" (Fisher g²), "mse", "mae", or "custom" (the
+            caller's `unit_loss` gives the terms; the objective statistics then report the mse).
         use_mean_hessian: average per-sample weights over samples before use (hessian_perturb only).
         init_loss_norm: rec ← 2·rec/rec₁ (reference after 73e78a7). False: the pre-73e78a7 variant,
             weights rescaled to mean 1 and rec = Σ_{dim1}(…)/10 averaged (best effort from the spec).
-        learn_act_scale: train the activation scales (reference: always).
+        learn_act_scale: train the activation scales, i.e. every `scale_parameters()` of the unit's active
+            activation quantizers, whatever their family (reference: always).
+        loss_div: the mse / mae reconstruction loss is divided by this (AdaLog's "Retrain": 10; 1 elsewhere).
         log_every: loss-curve logging period (0: first and last step only).
         compile: "auto" (default): "kernels" from `AUTO_COMPILE_ITERS` (5000) steps per unit on, eager
             below; False: eager; True / "kernels": torch.compile the fused fake-quant kernels (one fused
@@ -96,6 +104,11 @@ class BlockReconConfig:
             grid ends, as the reference's torch 1.10 did; the plain UniformQuantizer path (False)
             follows the installed torch, whose clamp gradient is 0 there (torch 2.14).
         tune_allocator: on CPU, call `tune_cpu_allocator` (no page faults on re-allocated activations).
+        loss_norm: per-term normalisation {term: scale or None}. Each loss term (the metric's name, "head"
+            for the head unit's KL, or the term names of a `unit_loss`) enters as scale·term/term₀, term₀
+            its detached value at the first step and at every step where a `step_hook` sets
+            `reset_norm`; None: the term enters unnormalised. Terms not listed: 2.0 with `init_loss_norm`
+            (APHQ: 2·rec/rec₁ for every unit, head included), else None.
     """
 
     iters: int = 20000
@@ -112,6 +125,7 @@ class BlockReconConfig:
     use_mean_hessian: bool = True
     init_loss_norm: bool = True
     learn_act_scale: bool = True
+    loss_div: float = 1.0
     log_every: int = 100
     compile: bool | str = "auto"
     eval_batch_size: int = 128
@@ -119,6 +133,7 @@ class BlockReconConfig:
     eval_stats: bool = True
     fused_quant: bool = True
     tune_allocator: bool = True
+    loss_norm: dict | None = None
 
     def __post_init__(self):
         if self.mode not in _MODES:
@@ -155,7 +170,7 @@ def block_recon_config(cfg: Any = None, **overrides) -> BlockReconConfig:
 
 
 def unit_rec_loss(out: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None, metric: str, kind: str,
-                  legacy: bool = False) -> torch.Tensor:
+                  legacy: bool = False, loss_div: float = 1.0) -> torch.Tensor:
     """Reconstruction loss of one batch (before the first-step normalisation).
 
     Args:
@@ -163,6 +178,7 @@ def unit_rec_loss(out: torch.Tensor, target: torch.Tensor, weight: torch.Tensor 
         weight: APH / Fisher weights broadcastable to `out` (already indexed for per-sample weights).
         metric: see `BlockReconConfig.metric`; the `head` kind always uses KL(softmax(y)‖softmax(ŷ)).
         legacy: pre-73e78a7 form Σ_{dim1}(·)/10, averaged (weights are expected normalised to mean 1).
+        loss_div: divisor of the mse / mae loss (not of the head's KL).
     """
     if kind == "head":
         return F.kl_div(F.log_softmax(out, dim=-1), F.softmax(target, dim=-1), reduction="batchmean")
@@ -170,7 +186,7 @@ def unit_rec_loss(out: torch.Tensor, target: torch.Tensor, weight: torch.Tensor 
         e = (out - target).square() * weight
         return e.sum(1).mean() / 10 if legacy else e.mean()
     e = (out - target).square() if metric == "mse" else (out - target).abs()
-    return e.sum(1).mean()
+    return e.sum(1).mean() / loss_div if loss_div != 1.0 else e.sum(1).mean()
 
 
 # --------------------------------------------------------------------------- CPU allocator
@@ -351,6 +367,53 @@ class _TrainingQuantizer(UniformQuantizer):
         return _FakeQuantSTE.apply(x, self.scale, z.to(x.dtype), float(2 ** self.bits - 1), keep, self.compiled)
 
 
+# --------------------------------------------------------------------------- step hooks, custom losses
+
+#: unit_loss(out, target, idx) -> {term name: scalar tensor} (raw terms; normalised by `cfg.loss_norm`).
+UnitLossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], "dict[str, torch.Tensor]"]
+
+
+@dataclass
+class HookState:
+    """What a `StepHook` sees: the unit in its current training state (AdaRound soft weights at the
+    current α, activation quantizers with STE and QDrop on) before training step `step` (0-based), and
+    the unit's cached tensors. Setting `reset_norm` re-takes every term's normaliser at this step."""
+
+    unit: Unit
+    index: int
+    step: int
+    iters: int
+    module: nn.Module
+    fp_in: torch.Tensor
+    fp_out: torch.Tensor
+    q_in: torch.Tensor
+    device: torch.device
+    tracker: Any = None
+    reset_norm: bool = False
+
+
+@dataclass
+class StepHook:
+    """A per-unit callback, run before training step `it` (0-based) when `it % every == 0` (every > 0)
+    or `it in steps`; after the step's input batch is drawn, before its forward (the loss of that step
+    already sees what the hook changed). Global-RNG draws inside the hook (QDrop masks) come from the
+    unit's seeded stream, so runs stay reproducible."""
+
+    fn: Callable[[HookState], None]
+    every: int = 0
+    steps: tuple[int, ...] = ()
+
+    def due(self, it: int) -> bool:
+        return (self.every > 0 and it % self.every == 0) or it in self.steps
+
+
+def _norm_scale(cfg: "BlockReconConfig", term: str) -> float | None:
+    table = cfg.loss_norm or {}
+    if term in table:
+        return None if table[term] is None else float(table[term])
+    return 2.0 if cfg.init_loss_norm else None
+
+
 # --------------------------------------------------------------------------- helpers
 
 
@@ -363,8 +426,18 @@ def _apply(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, bs: int,
     return torch.cat([fn(b.to(device)) for b in x.split(bs)])
 
 
-def _act_quantizers(module: nn.Module) -> list[UniformQuantizer]:
-    return [q for _, q in quantizers_of(module, role="act") if isinstance(q, UniformQuantizer) and q.active]
+def _act_quantizers(module: nn.Module) -> list[Quantizer]:
+    """The unit's active activation quantizers, of every family (their learned parameters come from the
+    `Quantizer.scale_parameters()` protocol, never from a family check here)."""
+    return [q for _, q in quantizers_of(module, role="act") if q.active]
+
+
+def learned_scales(act_qs: list[Quantizer]) -> list[nn.Parameter]:
+    """The parameters block reconstruction learns for these quantizers (each once)."""
+    out: list[nn.Parameter] = []
+    for q in act_qs:
+        out += [p for p in q.scale_parameters() if all(p is not o for o in out)]
+    return out
 
 
 class _Weights:
@@ -376,7 +449,7 @@ class _Weights:
     def __call__(self, unit: Unit, q_in: torch.Tensor, fp_in: torch.Tensor, device: torch.device
                  ) -> torch.Tensor | None:
         cfg = self.cfg
-        if unit.kind == "head" or cfg.metric in ("mse", "mae"):
+        if unit.kind == "head" or cfg.metric in ("mse", "mae", "custom"):
             return None
         if callable(self.weights):
             w = self.weights(unit.name, q_in, fp_in)
@@ -404,12 +477,15 @@ def _weight_rows(w: torch.Tensor | None, idx: torch.Tensor) -> torch.Tensor | No
 @torch.no_grad()
 def _objective(module: nn.Module, x: torch.Tensor, y: torch.Tensor, w: torch.Tensor | None, cfg: BlockReconConfig,
                kind: str) -> float:
-    """Un-normalised unit loss over all samples (eval mode), averaged over batches weighted by size."""
+    """Un-normalised unit loss over all samples (eval mode), averaged over batches weighted by size
+    (the mse for a `custom` metric, whose terms may depend on state gathered during training)."""
     total, n = 0.0, x.shape[0]
+    metric = "mse" if cfg.metric == "custom" else cfg.metric
     for start in range(0, n, cfg.eval_batch_size):
         sl = slice(start, min(start + cfg.eval_batch_size, n))
         wb = w if (w is None or w.shape[0] == 1) else w[sl]
-        loss = unit_rec_loss(module(x[sl]), y[sl], wb, cfg.metric, kind, legacy=not cfg.init_loss_norm)
+        loss = unit_rec_loss(module(x[sl]), y[sl], wb, metric, kind, legacy=not cfg.init_loss_norm,
+                             loss_div=cfg.loss_div)
         total += float(loss) * (sl.stop - sl.start)
     return total / n
 
@@ -421,7 +497,8 @@ def reconstruct_model(qmodel: nn.Module, fp_model: nn.Module, images: torch.Tens
                       weights: WeightsArg = None, tracker=None, device: torch.device | str = "cpu",
                       generator: torch.Generator | None = None, on_unit_done: Callable[[str], None] | None = None,
                       start_unit: int = 0, q_input: torch.Tensor | None = None, stop_unit: int | None = None,
-                      progress: bool = True) -> dict:
+                      progress: bool = True, step_hook: Callable[[Unit, int], StepHook | None] | None = None,
+                      unit_loss: Callable[[Unit, int], UnitLossFn | None] | None = None) -> dict:
     """Reconstruct every unit of the calibrated wrapped model `qmodel`, in place.
 
     Args:
@@ -444,6 +521,11 @@ def reconstruct_model(qmodel: nn.Module, fp_model: nn.Module, images: torch.Tens
             through the finalised units, which gives the same tensor).
         stop_unit: stop before this unit index (default: all units).
         progress: show tqdm bars.
+        step_hook: step_hook(unit, index) -> a `StepHook` run inside that unit's training loop (or None),
+            called when the unit starts training; the hook sees the unit in its current training state.
+        unit_loss: unit_loss(unit, index) -> the unit's loss terms function (`UnitLossFn`) or None (the
+            built-in metric); required for metric "custom" on non-head units. Each term is normalised as
+            `cfg.loss_norm` says; the curve also logs every raw term as ``rec_<term>``.
 
     Returns:
         {"units": {name: {"rec_first", "rec_last" (un-normalised training loss at the first/last step),
@@ -465,6 +547,8 @@ def reconstruct_model(qmodel: nn.Module, fp_model: nn.Module, images: torch.Tens
     gen = generator if generator is not None else torch.Generator().manual_seed(int(cfg.seed))
     base_seed = int(torch.randint(0, 2 ** 62, (1,), generator=gen))
     resolve_w = _Weights(weights, cfg)
+    if cfg.metric == "custom" and unit_loss is None:
+        raise ValueError("metric 'custom' needs `unit_loss` (the caller's loss terms)")
     eb = cfg.eval_batch_size
     t_total = time.perf_counter()
     capture = 0.0
@@ -497,7 +581,9 @@ def reconstruct_model(qmodel: nn.Module, fp_model: nn.Module, images: torch.Tens
             capture += time.perf_counter() - t0
             w = resolve_w(uq, q_in, fp_in, device)
             stats[uq.name] = _reconstruct_unit(uq, fp_in, fp_out, q_in, w, cfg, _seed_for(base_seed, index),
-                                               tracker, device, progress)
+                                               tracker, device, progress, index=index,
+                                               hook=step_hook(uq, index) if step_hook is not None else None,
+                                               loss_fn=unit_loss(uq, index) if unit_loss is not None else None)
             if on_unit_done is not None:
                 on_unit_done(uq.name)
             if index + 1 < stop:
@@ -516,15 +602,20 @@ def reconstruct_model(qmodel: nn.Module, fp_model: nn.Module, images: torch.Tens
 
 def _reconstruct_unit(unit: Unit, fp_in: torch.Tensor, fp_out: torch.Tensor, q_in: torch.Tensor,
                       w: torch.Tensor | None, cfg: BlockReconConfig, seed: int, tracker, device: torch.device,
-                      progress: bool) -> dict:
+                      progress: bool, index: int = 0, hook: StepHook | None = None,
+                      loss_fn: UnitLossFn | None = None) -> dict:
     """Train one unit (AdaRound α + activation scales) and finalise it."""
     module, kind = unit.module, unit.kind
     legacy = not cfg.init_loss_norm
+    if cfg.metric == "custom" and kind != "head" and loss_fn is None:
+        raise ValueError(f"metric 'custom': unit_loss gave no loss for unit {unit.name!r}")
+    builtin_term = "head" if kind == "head" else cfg.metric
+    scales_of: dict[str, float | None] = {}
     before = _objective(module, q_in, fp_out, w, cfg, kind) if cfg.eval_stats else float("nan")
     adas = attach_adaround(module)
     act_qs = _act_quantizers(module)
     alphas = [a.alpha for a in adas]
-    scales = [q.scale for q in act_qs] if cfg.learn_act_scale else []
+    scales = learned_scales(act_qs) if cfg.learn_act_scale else []
     for p in alphas + scales:
         p.requires_grad_(True)
     fused = [q for q in act_qs if type(q) is UniformQuantizer] if cfg.fused_quant else []
@@ -543,7 +634,7 @@ def _reconstruct_unit(unit: Unit, fp_in: torch.Tensor, fp_out: torch.Tensor, q_i
     gen = torch.Generator().manual_seed(seed)
     n = fp_in.shape[0]
     warm = cfg.warmup * cfg.iters
-    rec0 = None
+    norms: dict[str, float] | None = None  # per-term normalisers (rec₁ of each term, re-taken on reset)
     rec_first = rec_last = round_last = float("nan")
     t0 = time.perf_counter()
     fork_devices = [device.index or 0] if device.type == "cuda" else []
@@ -563,14 +654,36 @@ def _reconstruct_unit(unit: Unit, fp_in: torch.Tensor, fp_out: torch.Tensor, q_i
                 else:
                     x_q = q_in[idx]
                     x = torch.where(torch.rand_like(x_q) < cfg.drop_prob, x_q, x_fp)
-                rec = unit_rec_loss(forward(x), fp_out[idx], _weight_rows(w, idx), cfg.metric, kind, legacy)
-                if rec0 is None:
-                    rec0 = float(rec.detach())
-                    rec_first = rec0
-                    if not (rec0 > 0 and math.isfinite(rec0)):
-                        warnings.warn(f"{unit.name}: first reconstruction loss is {rec0}; skipping the "
-                                      "first-step normalisation (the reference would produce NaN here)")
-                rec_opt = rec * (2.0 / rec0) if (cfg.init_loss_norm and rec0 > 0 and math.isfinite(rec0)) else rec
+                reset = False
+                if hook is not None and hook.due(t - 1):
+                    hstate = HookState(unit, index, t - 1, cfg.iters, module, fp_in, fp_out, q_in, device, tracker)
+                    hook.fn(hstate)
+                    reset = hstate.reset_norm
+                if loss_fn is not None:
+                    terms = loss_fn(forward(x), fp_out[idx], idx)
+                else:
+                    terms = {builtin_term: unit_rec_loss(forward(x), fp_out[idx], _weight_rows(w, idx), cfg.metric,
+                                                         kind, legacy, cfg.loss_div)}
+                if norms is None or reset or terms.keys() - norms.keys():
+                    first = norms is None
+                    norms = dict(norms or {})
+                    for name, v in terms.items():
+                        if first or reset or name not in norms:
+                            v0 = norms[name] = float(v.detach())
+                            if not (v0 > 0 and math.isfinite(v0)):
+                                warnings.warn(f"{unit.name}: reconstruction loss term {name!r} is {v0} at its "
+                                              "normalisation step; skipping its normalisation (the reference "
+                                              "would produce NaN here)")
+                    if first:
+                        rec_first = sum(norms.values())
+                parts = []
+                for name, v in terms.items():
+                    if name not in scales_of:
+                        scales_of[name] = _norm_scale(cfg, name)
+                    scale, v0 = scales_of[name], norms[name]
+                    parts.append(v * (scale / v0) if (scale is not None and v0 > 0 and math.isfinite(v0)) else v)
+                rec = next(iter(terms.values())) if len(terms) == 1 else sum(terms.values())
+                rec_opt = parts[0] if len(parts) == 1 else sum(parts[1:], parts[0])
                 if alphas and t >= warm:
                     beta = beta_schedule(t, cfg.iters, cfg.warmup, cfg.beta_start, cfg.beta_end)
                     round_loss = cfg.round_lambda * sum(a.round_loss(beta) for a in adas)
@@ -593,8 +706,9 @@ def _reconstruct_unit(unit: Unit, fp_in: torch.Tensor, fp_out: torch.Tensor, q_i
                     rec_last = float(rec.detach())
                     round_last = 0.0 if round_loss is None else float(round_loss.detach())
                     if tracker is not None:
+                        extra = {f"rec_{k}": float(v.detach()) for k, v in terms.items()} if loss_fn else {}
                         tracker.log_curve(f"recon/{unit.name}", t, loss=float(loss.detach()),
-                                          rec=float(rec_opt.detach()), rec_raw=rec_last, round=round_last)
+                                          rec=float(rec_opt.detach()), rec_raw=rec_last, round=round_last, **extra)
     finally:
         seconds = time.perf_counter() - t0
         finalize_adaround(module)

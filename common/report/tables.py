@@ -273,12 +273,22 @@ def write_report(dirs: list[str | Path], out: str | Path | None = None, plots: b
     """Write report.md, table.csv, runs.csv and the plots; returns {'runs', 'table', 'files'}."""
     dirs = [str(d) for d in dirs]
     runs = collect(dirs)
-    if not runs:
+    from common.report.sr import collect_sr, write_sr_report  # task=sr runs: their own table (sr_report.md)
+
+    sr_runs = collect_sr(dirs)
+    from common.report.detection import collect_detection, write_detection_report  # task=detection runs
+
+    det_runs = collect_detection(dirs)
+    if not runs and not sr_runs and not det_runs:
         from common.errors import UserError
 
         raise UserError(f"no results.json found under {', '.join(dirs)}: point the report at a run or sweep dir")
     out = Path(out) if out else Path(dirs[0]) / "report"
     out.mkdir(parents=True, exist_ok=True)
+    if not runs:
+        files = (write_sr_report(sr_runs, out, dirs) if sr_runs else []) + \
+            (write_detection_report(det_runs, out, dirs) if det_runs else [])
+        return {"runs": sr_runs + det_runs, "table": None, "files": files}
     table = build_table(runs, all_published=all_published)
     (out / "report.md").write_text(to_markdown(table, runs, dirs))
     write_csvs(table, runs, out)
@@ -288,6 +298,10 @@ def write_report(dirs: list[str | Path], out: str | Path | None = None, plots: b
 
         files += plot_acc_vs_bits(table, out / "acc_vs_bits.png")
         files += plot_curves(runs, out / "curves")
+    if sr_runs:
+        files += write_sr_report(sr_runs, out, dirs)
+    if det_runs:
+        files += write_detection_report(det_runs, out, dirs)
     return {"runs": runs, "table": table, "files": files}
 
 

@@ -30,6 +30,8 @@ __all__ = ["FloatingPoint", "MinMaxMSE"]
 class FloatingPoint(PTQMethod):
     """No quantization: the quantized model is the FP model (a sanity row in tables)."""
 
+    tasks = ("classification", "sr", "detection")
+
     def quantize(self, model: nn.Module, data) -> nn.Module:
         return model
 
@@ -43,6 +45,8 @@ def _patches(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
 @register_method("ptq")
 class MinMaxMSE(PTQMethod):
     """Per-channel weights, per-tensor activations, clip ratios searched by output MSE."""
+
+    tasks = ("classification", "sr", "detection")
 
     def quantize(self, model: nn.Module, data) -> nn.Module:
         cfg = self.cfg

@@ -13,12 +13,12 @@ from common.errors import UserError
 
 __all__ = ["CONF_DIR", "PROJECT_ROOT", "register_resolvers", "validate", "resolve_dataset",
            "seed_everything", "select_device", "set_precision", "check_group_choice",
-           "group_options", "model_node", "asset_path", "slurm_gpus"]
+           "group_options", "model_node", "asset_path", "slurm_gpus", "apply_data_preset"]
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 CONF_DIR = PROJECT_ROOT / "conf"
 COMMON = PROJECT_ROOT / "common"
-GROUPS = ("model", "bits", "method", "dataset", "logger", "launcher", "experiment")
+GROUPS = ("task", "model", "bits", "method", "dataset", "logger", "launcher", "experiment")
 
 def register_resolvers() -> None:
     """`${vitq.asset:NAME}` -> path of a packaged asset (`common/<part>/assets/NAME`); `${vitq.root:}` -> the root;
@@ -32,7 +32,7 @@ def register_resolvers() -> None:
 
 
 #: Models that run on CPU by default (device=auto): their SLURM jobs ask for no GPU.
-CPU_MODELS = ("demo",)
+CPU_MODELS = ("demo", "swinir_demo")
 
 
 def slurm_gpus(value: Any, device: Any, model: Any) -> int | None:
@@ -48,12 +48,12 @@ def slurm_gpus(value: Any, device: Any, model: Any) -> int | None:
         return 0
     if dev.startswith("cuda"):
         return 1
-    return 0 if str(model) in CPU_MODELS else 1
+    return 0 if str(model) in CPU_MODELS or str(model).endswith("_demo") else 1  # every bundled *_demo runs on CPU
 
 
 def asset_path(name: str) -> str:
-    """The one packaged asset called `name` under `common/*/assets/` (each part ships its own assets)."""
-    hits = sorted(COMMON.glob(f"*/assets/{name}"))
+    """The one packaged asset called `name` under `common/*/assets/` or `common/tasks/*/assets/` (each part ships its own)."""
+    hits = sorted(COMMON.glob(f"*/assets/{name}")) + sorted(COMMON.glob(f"tasks/*/assets/{name}"))
     if len(hits) != 1:
         raise UserError(f"asset {name!r}: expected one common/<part>/assets/{name}, found {len(hits)}")
     return str(hits[0])
@@ -90,7 +90,11 @@ def validate(cfg: DictConfig) -> None:
     bits = cfg.bits
     for key in ("w_bit", "a_bit", "patch_embed_a_bit", "head_a_bit", "head_w_bit"):
         _check_bits(key, bits.get(key))
-    if not cfg.model.get("timm_name"):
+    task, model_task = (cfg.get("task") or {}).get("name", "classification"), cfg.model.get("task", "classification")
+    if task != model_task:
+        raise UserError(f"model {cfg.model.name!r} is a {model_task} model but task={task}: "
+                        f"use task={model_task}, or a {task} model")
+    if task == "classification" and not cfg.model.get("timm_name"):
         raise UserError(f"model {cfg.model.name!r} has no timm_name; available: {', '.join(group_options('model'))}")
     if cfg.device not in ("auto", "cpu") and not str(cfg.device).startswith("cuda"):
         raise UserError(f"device={cfg.device!r} is not supported: use auto, cpu or cuda[:N]")
@@ -106,16 +110,54 @@ def validate(cfg: DictConfig) -> None:
 
 
 def resolve_dataset(cfg: DictConfig) -> None:
-    """Replace `dataset: auto` by the model's `default_dataset` config, keeping user overrides."""
-    if cfg.dataset.get("name") != "auto":
+    """Replace `dataset: auto` by the model's `default_dataset` config, keeping user overrides; then fill
+    the dataset's null data keys from the method's reference preset (`apply_data_preset`)."""
+    if cfg.dataset.get("name") == "auto":
+        default = cfg.model.get("default_dataset", "imagenet_sample")
+        check_group_choice("dataset", default)
+        base = OmegaConf.load(CONF_DIR / "dataset" / f"{default}.yaml")
+        user = {k: v for k, v in OmegaConf.to_container(cfg.dataset, resolve=False).items()
+                if k != "name" and v is not None}
+        with open_dict(cfg):
+            cfg.dataset = OmegaConf.merge(base, user)
+    apply_data_preset(cfg)
+
+
+#: Datasets the methods' `data:` presets apply to (the references' ImageNet handling; the demo keeps its own).
+PRESET_DATASETS = ("imagenet", "imagenet_sample")
+#: Keys of a method's `data:` preset, each filling the dataset key of the same name when that is null.
+PRESET_KEYS = ("crop_pct", "calib_draw", "calib_seed")
+
+
+def apply_data_preset(cfg: DictConfig) -> None:
+    """Fill `dataset.crop_pct / calib_draw / calib_seed` (where null) from `method.data` (docs/reproducing.md).
+
+    `method.data.crop_pct` is `timm` (leave timm's data config), a number, or a mapping from `model.series`
+    (deit / vit / swin) to a crop, as ERQ / RepQ-ViT pick it by model name. Only for ImageNet folders; what was
+    filled is recorded in `dataset.preset` (results.json `data.preset`). A set dataset key always wins.
+    Idempotent (a second call changes nothing).
+    """
+    preset = cfg.method.get("data") if "method" in cfg else None
+    if not preset or cfg.dataset.get("name") not in PRESET_DATASETS or cfg.dataset.get("preset") is not None:
         return
-    default = cfg.model.get("default_dataset", "imagenet_sample")
-    check_group_choice("dataset", default)
-    base = OmegaConf.load(CONF_DIR / "dataset" / f"{default}.yaml")
-    user = {k: v for k, v in OmegaConf.to_container(cfg.dataset, resolve=False).items()
-            if k != "name" and v is not None}
+    filled = []
     with open_dict(cfg):
-        cfg.dataset = OmegaConf.merge(base, user)
+        for key in PRESET_KEYS:
+            value = preset.get(key)
+            if value is None or cfg.dataset.get(key) is not None:
+                continue
+            how = ""
+            if key == "crop_pct" and OmegaConf.is_dict(value):
+                series = cfg.model.get("series")
+                if series not in value:
+                    continue  # a series the method does not name: timm's data config
+                value, how = value[series], f" (series {series})"
+            if key == "crop_pct" and value == "timm":
+                filled.append("crop_pct=timm")
+                continue
+            cfg.dataset[key] = value
+            filled.append(f"{key}={value}{how}")
+        cfg.dataset.preset = f"method {cfg.method.name}: " + ", ".join(filled) if filled else "none"
 
 
 def seed_everything(seed: int) -> None:

@@ -60,6 +60,8 @@ class PTQMethod:
     """Base class. Subclasses implement `quantize(model, data) -> quantized model`."""
 
     name: ClassVar[str] = ""
+    #: tasks the method has a path for (`task=sr` refuses a method without "sr", see common.run.sr)
+    tasks: ClassVar[tuple[str, ...]] = ("classification",)
 
     def __init__(self, cfg: DictConfig, ctx: RunContext):
         self.cfg = cfg
@@ -70,8 +72,17 @@ class PTQMethod:
         return self.ctx.cfg.bits
 
     def n_calib(self) -> int:
-        """Number of calibration images this method draws (recorded in results)."""
+        """Number of calibration images this method draws (results.json `n_calib` = `images.calibration`)."""
         return int(self.cfg.get("n_calib", 0) or 0)
+
+    def images(self, data) -> dict[str, int]:
+        """Images each stage of this method uses, by stage (results.json `images`, next to `eval`).
+
+        Every count is a prefix of the one calibration order of `data` (`data.calibration_ids(n)`).
+        Default: `{"calibration": n_calib}` (none for a method that draws nothing); methods with
+        several stages name each (APHQ: `mr`, `calibration`, `reconstruction`)."""
+        n = self.n_calib()
+        return {"calibration": n} if n > 0 else {}
 
     def config_key(self) -> dict:
         """The method + bits config as a plain dict (for stage signatures)."""

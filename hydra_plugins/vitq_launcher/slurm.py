@@ -23,20 +23,22 @@ import io
 import logging
 import os
 import re
+import shutil
 import signal
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any, Sequence
 
 from hydra.core.singleton import Singleton
 from hydra.core.utils import JobReturn, filter_overrides
-from hydra.errors import CompactHydraException
 from omegaconf import OmegaConf
 
+from common.errors import UserError
 from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
 from hydra_plugins.hydra_submitit_launcher.submitit_launcher import SlurmLauncher as _SubmititSlurmLauncher
 
-__all__ = ["SlurmLauncher", "SbatchRejected", "rejection_message"]
+__all__ = ["SlurmLauncher", "SlurmLaunchError", "SbatchRejected", "rejection_message"]
 
 log = logging.getLogger(__name__)
 
@@ -55,8 +57,20 @@ _REJECTIONS: tuple[tuple[str, str], ...] = (
 )
 
 
-class SbatchRejected(CompactHydraException):
-    """sbatch refused the job array; Hydra prints a CompactHydraException as its message only (one line)."""
+class SlurmLaunchError(UserError):
+    """The sweep could not be submitted. `launch` prints it as one line (`error: ...`) and exits 1, like
+    `run.py` does for a UserError (Hydra would add a traceback or a HYDRA_FULL_ERROR hint)."""
+
+
+class SbatchRejected(SlurmLaunchError):
+    """sbatch refused the job array."""
+
+
+# overrides that can change a job's GPU count (everything else is shared with the sweep's other jobs)
+_GPU_KEYS = re.compile(r"(device|model|experiment|tuned|local|launcher|cluster\.|model\.|hydra\.launcher\.)")
+
+_NO_SLURM = ("{} not found: launcher=slurm submits with SLURM's sbatch/srun; run it on a login node "
+             "(or use launcher=submitit_local)")
 
 
 def rejection_message(stderr: str) -> str:
@@ -92,19 +106,26 @@ class SlurmLauncher(_SubmititSlurmLauncher):
         SlurmJobEnvironment._requeue = _requeue  # type: ignore[method-assign]
         return super().__call__(*args, **kwargs)
 
-    def _job_gpus(self, overrides: Sequence[str]) -> Any:
-        """`hydra.launcher.gpus_per_node` resolved in this job's own config (device / model may be swept)."""
+    def _job_gpus(self, overrides: Sequence[str], cache: dict) -> Any:
+        """`hydra.launcher.gpus_per_node` resolved in this job's own config (device / model may be swept);
+        None for no GPU request. Jobs that differ only in other keys (bits, method, ...) share one lookup."""
         from common.run.config import register_resolvers
 
-        register_resolvers()
-        assert self.hydra_context is not None and self.config is not None
-        cfg = self.hydra_context.config_loader.load_sweep_config(self.config, list(overrides))
-        return OmegaConf.select(cfg, "hydra.launcher.gpus_per_node", default=self.params.get("gpus_per_node"))
+        key = tuple(o for o in overrides if _GPU_KEYS.match(o.lstrip("+~")))
+        if key not in cache:
+            register_resolvers()
+            assert self.hydra_context is not None and self.config is not None
+            cfg = self.hydra_context.config_loader.load_sweep_config(self.config, list(overrides))
+            cache[key] = OmegaConf.select(cfg, "hydra.launcher.gpus_per_node",
+                                          default=self.params.get("gpus_per_node")) or None
+        return cache[key]
 
     def _executor(self, gpus: Any) -> Any:
         """A submitit executor with this launcher's parameters (as the parent builds it) and `gpus` GPUs."""
         import submitit
 
+        if shutil.which("srun") is None:  # submitit's own check, as one line
+            raise SlurmLaunchError(_NO_SLURM.format("srun"))
         params = dict(self.params, gpus_per_node=gpus or None)  # 0 GPUs: no GPU option in the sbatch script
         specific_init_keys = {"max_num_timeout"}
         init_params = {"folder": params["submitit_folder"]}
@@ -116,10 +137,25 @@ class SlurmLauncher(_SubmititSlurmLauncher):
                                       for k, v in params.items() if k not in init_keys})
         return executor
 
-    def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
-        """The parent's launch, with one job array per distinct GPU count (submitted before waiting on any)."""
+    def _submit(self, gpus: Any, job_params: list[tuple]) -> list[Any]:
+        """One job array of `job_params` with `gpus` GPUs per job; sbatch errors become a SlurmLaunchError."""
         from submitit.core.utils import FailedJobError
 
+        executor = self._executor(gpus)
+        err = io.StringIO()
+        try:
+            with contextlib.redirect_stderr(err):  # submitit echoes sbatch's stderr: it goes into our one line
+                return executor.map_array(self, *zip(*job_params))
+        except FailedJobError as exc:
+            raise SbatchRejected(rejection_message(str(exc) or err.getvalue())) from None
+        except FileNotFoundError:
+            raise SlurmLaunchError(_NO_SLURM.format("sbatch")) from None
+        except subprocess.CalledProcessError as exc:
+            text = exc.stderr or exc.output or str(exc)
+            raise SbatchRejected(rejection_message(text if isinstance(text, str) else text.decode())) from None
+
+    def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
+        """The parent's launch, with one job array per distinct GPU count (all submitted before waiting on any)."""
         assert self.config is not None
         assert len(job_overrides) > 0
         log.info(f"Submitit '{self._EXECUTOR}' sweep output dir : {self.config.hydra.sweep.dir}")
@@ -130,28 +166,23 @@ class SlurmLauncher(_SubmititSlurmLauncher):
 
         groups: dict[Any, list[int]] = {}
         job_params: list[tuple] = []
+        cache: dict = {}
         for i, overrides in enumerate(job_overrides):
             idx = initial_job_idx + i
             log.info(f"\t#{idx} : {' '.join(filter_overrides(overrides))}")
             job_params.append((list(overrides), "hydra.sweep.dir", idx, f"job_id_for_{idx}", Singleton.get_state()))
-            groups.setdefault(self._job_gpus(overrides), []).append(i)
+            groups.setdefault(self._job_gpus(overrides, cache), []).append(i)
         jobs: list[Any] = [None] * len(job_params)
-        for gpus, members in groups.items():
-            if len(groups) > 1:
-                log.info(f"\tjobs {[initial_job_idx + i for i in members]}: {gpus or 0} GPU(s) per job")
-            executor = self._executor(gpus)
-            err = io.StringIO()
-            try:
-                with contextlib.redirect_stderr(err):  # submitit echoes sbatch's stderr; it goes in our one line
-                    submitted = executor.map_array(self, *zip(*[job_params[i] for i in members]))
-            except FailedJobError as exc:
-                raise SbatchRejected(rejection_message(str(exc) or err.getvalue())) from None
-            except FileNotFoundError:
-                raise SbatchRejected("sbatch not found: launcher=slurm submits with SLURM's sbatch; run it on a "
-                                     "login node (or use launcher=submitit_local)") from None
-            except subprocess.CalledProcessError as exc:
-                text = exc.stderr or exc.output or str(exc)
-                raise SbatchRejected(rejection_message(text if isinstance(text, str) else text.decode())) from None
-            for i, job in zip(members, submitted):
-                jobs[i] = job
+        try:
+            for gpus, members in groups.items():
+                if len(groups) > 1:
+                    log.info(f"\tjobs {[initial_job_idx + i for i in members]}: {gpus or 0} GPU(s) per job")
+                for i, job in zip(members, self._submit(gpus, [job_params[i] for i in members])):
+                    jobs[i] = job
+        except SlurmLaunchError as exc:
+            for job in filter(None, jobs):  # an earlier array of this sweep went out: take it back
+                with contextlib.suppress(Exception):
+                    job.cancel(check=False)
+            print(f"error: {exc}", file=sys.stderr)
+            raise SystemExit(1) from None
         return [j.results()[0] for j in jobs]

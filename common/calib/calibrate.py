@@ -1,5 +1,8 @@
 """APHQ-ViT calibration (aphq spec §2.2–§2.5): scale / zero-point search for every quantizer.
 
+Shared by APHQ and FIMA-Q (fimaq spec §2: the same search, token-wise scales at every bit-width); moved
+here unchanged from `aphq/calibrate.py`.
+
 Every module is calibrated on FP activations of the (MLP-reconstructed, reparameterized) model, as
 in the reference, but instead of one whole-model forward per module the model is walked unit by
 unit (`common.calib.capture.iter_unit_inputs`) and one unit forward captures the inputs and outputs of
@@ -24,7 +27,7 @@ all its quant layers (`capture_io`). Per module:
 Exactness: the candidate grids, quantiles (chunk-averaged like the reference unless
 `chunk_average_quantile=false`), selection rules and tie-breaking (first candidate) are the
 reference's. The speed-ups only change the summation order: Gram forms of the output errors, branch
-and bound over sample chunks (`aphq.search.pruned_argmin`), and memoisation of searches whose inputs
+and bound over sample chunks (`common.calib.grids.pruned_argmin`), and memoisation of searches whose inputs
 did not change (a search that sees the same quantizer state returns the same answer).
 """
 from __future__ import annotations
@@ -43,15 +46,18 @@ from common.calib.capture import batched, capture_io, iter_unit_inputs
 from common.quant import QuantConv2d, QuantLinear, QuantMatMul, UniformQuantizer, quant_state
 from common.quant.granularity import Granularity, PerAxis, PerTensor, PerToken
 from common.quant.primitives import fake_quant_affine
+from common.quant.quantizers import quantizers_of
 from common.quant.wrap import quant_layers
 from common.calib.reparam import reparameterize_layernorm
 from common.models.units import model_units
 
-from .search import (GridCandidates, LeftOperandSearch, activation_grid, conv_percentiles, matmul_bounds,
-                     pair_qparams, pruned_argmin, sample_chunks, self_errors, weight_grid, weight_output_errors)
+from common.calib.grids import (GridCandidates, activation_grid, conv_percentiles, matmul_bounds, pair_qparams,
+                                pruned_argmin, sample_chunks, weight_grid)
+from common.calib.search import LeftOperandSearch, self_errors, weight_output_errors
+from common.calib.intsearch import IntDirectSearch, exact_argmin, int_path_ok
 
 __all__ = ["CalibConfig", "calibrate_model", "calibrate_linear", "calibrate_matmul", "calibrate_conv",
-           "expand_token_wise", "granularity_of_scale", "reparam_active", "LN_SITES"]
+           "expand_token_wise", "granularity_of_scale", "reparam_active", "LN_SITES", "load_quant_state"]
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +81,8 @@ class CalibConfig:
         chunk_average_quantile: reference quirk, average the quantiles of 2^24-element chunks.
         prune: branch-and-bound over sample chunks (exact; off = exhaustive evaluation).
         memo: reuse results of searches whose quantizer state did not change (exact).
+        int_search: score the attention·V operand searches from integer codes with exact int8 GEMMs,
+            same choices as the float32 search (`common.calib.intsearch`).
     """
 
     n_images: int = 128
@@ -88,6 +96,7 @@ class CalibConfig:
     chunk_average_quantile: bool = True
     prune: bool = True
     memo: bool = True
+    int_search: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -306,6 +315,24 @@ class _MatMulState:
         return (-1, -1) if self.q is None else (int(self.iu[h]), int(self.il[h]))
 
 
+def _int_matmul_search(which: str, a: torch.Tensor, b: torch.Tensor, y: torch.Tensor, hs: torch.Tensor,
+                       other: "_MatMulState", me: "_MatMulState", search: LeftOperandSearch,
+                       cfg: CalibConfig) -> IntDirectSearch | None:
+    """The integer-code evaluation of a direct-form matmul operand search, or None where it does not apply
+    (Gram form, mae, an unquantized other operand, codes outside int8)."""
+    if search.gram or cfg.metric != "mse" or other.q is None:
+        return None
+    s_o, z_o = other.current()
+    if which == "A":
+        left, right, target = a[:, hs], b[:, hs], y[:, hs]
+    else:
+        left, right, target = b[:, hs].transpose(-1, -2), a[:, hs].transpose(-1, -2), y[:, hs].transpose(-1, -2)
+    if not int_path_ok(me.q.bits, other.q.bits, left.shape[-1], left.device):
+        return None
+    return IntDirectSearch(left, right, s_o[hs].view(1, -1, 1, 1), z_o[hs].view(1, -1, 1, 1), target,
+                           me.q.bits, other.q.bits)
+
+
 @torch.no_grad()
 def calibrate_matmul(mm: QuantMatMul, a: torch.Tensor, b: torch.Tensor, y: torch.Tensor,
                      cfg: CalibConfig) -> dict[str, Any]:
@@ -336,15 +363,25 @@ def calibrate_matmul(mm: QuantMatMul, a: torch.Tensor, b: torch.Tensor, y: torch
             search = LeftOperandSearch(left, right, target, me.q.bits, cfg.metric)
             cols = torch.arange(len(todo))
 
-            def evaluate(idx: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+            def _params(idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
                 n = idx.numel()
                 cand = idx[:, None].expand(n, len(todo))
                 iu = cand if mode in ("joint", "u") else me.iu[hs][None].expand(n, -1)
                 il = cand if mode in ("joint", "l") else me.il[hs][None].expand(n, -1)
-                s, z = pair_qparams(me.u[iu, hs[cols]], me.l[il, hs[cols]], me.q.bits)
-                return search.errors(s, z, lo, hi)
+                return pair_qparams(me.u[iu, hs[cols]], me.l[il, hs[cols]], me.q.bits)
 
-            best = _argmin(eq_n, len(todo), a.shape[0], cfg.prune, evaluate, left[0].numel())
+            def evaluate(idx: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+                return search.errors(*_params(idx), lo, hi)
+
+            fast = _int_matmul_search(which, a, b, y, hs, other, me, search, cfg) if cfg.int_search else None
+            if fast is not None:
+                n_all, ns = torch.arange(eq_n), a.shape[0]
+                best, info = exact_argmin(fast.errors(*_params(n_all), 0, ns),
+                                          lambda idx: search.errors(*_params(idx), 0, ns))
+                counts["int_searches"] = counts.get("int_searches", 0) + 1
+                counts["rescored"] = counts.get("rescored", 0) + info["rescored"]
+            else:
+                best = _argmin(eq_n, len(todo), a.shape[0], cfg.prune, evaluate, left[0].numel())
             counts["searches"] += 1
             counts["head_searches"] += len(todo)
             for j, h in enumerate(todo):
@@ -454,6 +491,7 @@ def calibrate_model(model: nn.Module, images: torch.Tensor, cfg: CalibConfig, w_
     units = model_units(model)
     records: dict[str, Any] = {}
     seconds: dict[str, float] = {}
+    cpu_seconds: dict[str, float] = {}
     model.eval()
     with quant_state(model, weight=False, act=False):
         walk = iter_unit_inputs(units, images, cfg.batch_size, device)
@@ -466,7 +504,7 @@ def calibrate_model(model: nn.Module, images: torch.Tensor, cfg: CalibConfig, w_
                 for xb in batched(x, cfg.batch_size):
                     unit.module(xb)
             for name, layer in layers.items():
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 ins = tuple(torch.cat(t) for t in zip(*io[name]["inputs"]))
                 out = torch.cat(io[name]["outputs"])
                 io[name] = {"inputs": [], "outputs": []}  # free as we go
@@ -482,5 +520,23 @@ def calibrate_model(model: nn.Module, images: torch.Tensor, cfg: CalibConfig, w_
                     rec = {**rec, "token_wise": True}
                 records[qname] = rec
                 seconds[qname] = round(time.perf_counter() - t0, 3)
+                cpu_seconds[qname] = round(time.process_time() - c0, 3)
                 del ins, out
-    return {"modules": records, "seconds": seconds, "reparam": do_reparam}
+    return {"modules": records, "seconds": seconds, "cpu_seconds": cpu_seconds, "reparam": do_reparam}
+
+
+@torch.no_grad()
+def load_quant_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Load a stage's state dict into a freshly wrapped model (spec §1.2 `load_model`).
+
+    Reparameterization may have created a bias on Swin `reduction` (so a zero bias is added where the
+    state has one), token-wise scales change quantizer shapes (handled by the quantizers themselves),
+    and LayerNorm-fed inputs become per-tensor (the `granularity` attribute follows the loaded scales).
+    """
+    for name, m in model.named_modules():
+        if isinstance(m, QuantLinear) and m.bias is None and f"{name}.bias" in state:
+            m.bias = nn.Parameter(torch.zeros(m.out_features, device=m.weight.device, dtype=m.weight.dtype))
+    model.load_state_dict(state)
+    for name, q in quantizers_of(model, role="act"):
+        if isinstance(q, UniformQuantizer) and f"{name}.scale" in state:
+            q.granularity = granularity_of_scale(q.scale)

@@ -1,0 +1,235 @@
+"""Integer-code evaluation of the calibration searches' output errors, with the same choices as the
+float32 search (`common.calib.search.LeftOperandSearch`).
+
+A search scores candidates (s, z) of the left operand L of a product whose right operand is already
+quantized, R = s_r · (U_r − z_r) with integer codes U_r (a per-head / per-tensor scale, or a per-column
+one for a linear's weight). A candidate's output is an integer GEMM scaled afterwards:
+
+    Q(L) · R = s · s_r · (U − z)(U_r − z_r),   U = clamp(round(L / s) + z, 0, 2^b − 1),
+
+with the codes held in int8 (signed U − z where they fit, else U − off with exact zero-point
+corrections, see `IntDirectSearch`) and the GEMM done by `torch._int_mm` (int8 × int8 → int32, exact:
+|codes| ≤ 128 and k·128² < 2^31). Per candidate that is 4–5 elementwise passes over L (the search's own
+x / s, round, clamp, cast to int8) instead of 7 plus a float32 GEMM, and the int8 GEMM (VNNI) is ~4×
+faster than the float32 one. The error Σ‖s s_r P − Y‖² is formed in float64 from the exact integer
+product, so it is the candidate's exact error up to float64 rounding (≈ 1e-16 relative, against
+≈ 1e-7 for the float32 search's value).
+
+Same choices (`exact_argmin`): the float32 search takes the first minimum of its float32 errors. Per
+group, the exact errors shortlist the candidates within a relative window w of the exact minimum; the
+shortlisted candidates of groups with more than one, and every group's exact argmin, are re-scored by
+the float32 search itself, and the choice is the float32 search's first argmin among the shortlist. A
+candidate outside the window has an exact error more than w above the minimum, so it can only be the
+float32 choice if float32 rounding moved errors by ~w/2. w starts at 2e-5 (≥ 20× the largest float32
+deviation seen on any candidate in tests/test_aphq_search_exact.py, ≈ 1e-6 at 8 bits, ≈ 1e-7 at 4) and
+is raised to 64× the largest deviation measured on the re-scored candidates, until that holds. Ties
+(equal float32 errors) go to the first index, as in the float32 search.
+
+Used (CPU only) for both operand searches of attention·V, where it pays (1.7× on DeiT-T's matmul2,
+measured in one process). The engine also takes per-column right scales (a linear's weight) and is
+tested on every site kind, but the proj / fc2 input searches gained nothing measurable (their float32
+GEMM is one large, efficient call) and the Gram-form searches (q·kᵀ, qkv / fc1 inputs, weights) are
+cheaper in float32 (a k² GEMM per row), so those keep the float32 path.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+__all__ = ["int_codes", "int_path_ok", "IntDirectSearch", "exact_argmin", "WINDOW"]
+
+#: Base relative window of the shortlist (see the module docstring).
+WINDOW = 2e-5
+#: Elements of the float32 code buffer per candidate batch.
+CODE_BUDGET = 1 << 22
+
+
+def int_codes(x: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor, bits: int) -> torch.Tensor:
+    """Unsigned integer codes U = clamp(round(x/s) + z, 0, 2^b − 1) (float, integer-valued): the float32
+    fake-quant value is fl((U − z) · s), as `fake_quant_affine` computes it."""
+    return torch.clamp(torch.round(x / scale) + zp, 0, 2 ** bits - 1)
+
+
+def int_path_ok(bits: int, bits_r: int, k: int, device: torch.device | str = "cpu") -> bool:
+    """Whether the int8 path applies and is exact: CPU tensors (`torch._int_mm` has shape constraints on
+    CUDA, where the float32 search is fast anyway), codes (shifted by 128 at 8 bits) that fit in int8,
+    and an int32 accumulation k·128² below 2^31."""
+    return torch.device(device).type == "cpu" and 2 <= bits <= 8 and 2 <= bits_r <= 8 and k * 128 * 128 < 2 ** 31
+
+
+def _fits_int8(lo: float, hi: float) -> bool:
+    return lo >= -128 and hi <= 127
+
+
+class IntDirectSearch:
+    """Exact output errors Σ‖Q(L)·R − Y‖² of left-operand candidates, R = Q(X_r) uniform-quantized.
+
+    Args:
+        left: (S, G, n, k) FP left operand.
+        right: (S|1, G|1, k, m) FP right operand (before quantization).
+        scale_r, zp_r: its quantizer's scale and (rounded) zero-point, broadcastable to `right` and
+            constant along k: per group (1, G, 1, 1) or per column (1, 1, 1, m).
+        target: (S, G, n, m) FP output (bias removed).
+        bits, bits_r: bits of the left and right operands.
+
+    `errors(scale, zp, lo, hi)` → float64 (C, G) error sums over samples [lo, hi) (mse only).
+
+    Codes: signed D = U − z when every value fits int8 (no correction terms), else U − off
+    (off = 0 below 8 bits, 128 at 8) with the zero-point corrections of the product
+    (U − z)(U_r − z_r) = U U_r − z_r·rowsum(U) − z·colsum(U_r) + z z_r k, all exact integers; the row
+    sums come out of the same GEMM through an extra column of ones in the right codes.
+    """
+
+    def __init__(self, left: torch.Tensor, right: torch.Tensor, scale_r: torch.Tensor, zp_r: torch.Tensor,
+                 target: torch.Tensor, bits: int, bits_r: int):
+        self.bits, self.levels = bits, 2 ** bits - 1
+        self.left = left.transpose(0, 1).contiguous()  # (G, S, n, k)
+        k, m = right.shape[-2:]
+        u_r = int_codes(right, scale_r, zp_r, bits_r)
+        z_r = torch.broadcast_to(zp_r, u_r.shape[:-2] + (1, m))  # (S|1, G|1, 1, m)
+        signed = u_r - zp_r
+        if _fits_int8(float(signed.min()), float(signed.max())):
+            codes, zr_eff = signed, torch.zeros_like(z_r)
+        else:
+            off = 0 if bits_r <= 7 else 128
+            codes, zr_eff = u_r - off, z_r - off
+        self.zr = zr_eff.transpose(0, 1).double()  # (G|1, S|1, 1, m)
+        self.need_rows = bool((self.zr != 0).any())
+        cr = codes.transpose(0, 1)  # (G|1, S|1, k, m)
+        self.colsum = cr.double().sum(-2, keepdim=True)  # (G|1, S|1, 1, m)
+        if self.need_rows:  # an extra column of ones: the GEMM also returns the row sums of the left codes
+            cr = torch.cat([cr, torch.ones_like(cr[..., :1])], -1)
+        self.cr8 = cr.to(torch.int8).contiguous()
+        sr = torch.broadcast_to(scale_r, u_r.shape[:-2] + (1, m)).transpose(0, 1)  # (G|1, S|1, 1, m)
+        self.scale_r = sr[:, 0, 0].double()  # (G|1, m): constant over samples
+        self.target = target.transpose(0, 1).double().contiguous()  # (G, S, n, m)
+        self.yy = self.target.square().sum((2, 3))  # (G, S)
+        self._bufs: dict[str, torch.Tensor] = {}
+
+    def _buf(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """A reused buffer (fresh large allocations cost more than the passes over them)."""
+        n = 1
+        for d in shape:
+            n *= d
+        flat = self._bufs.get(name)
+        if flat is None or flat.numel() < n or flat.dtype != dtype:
+            flat = torch.empty(n, dtype=dtype)
+            self._bufs[name] = flat
+        return flat[:n].view(shape)
+
+    def errors(self, scale: torch.Tensor, zp: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+        G, _, n, k = self.left.shape
+        m = self.target.shape[-1]
+        mc = self.cr8.shape[-1]  # m, or m + 1 with the ones column
+        ns = hi - lo
+        step = max(1, min(scale.shape[0], CODE_BUDGET // max(ns * n * k, 1)))
+        out = torch.empty(scale.shape[0], G, dtype=torch.float64)
+        shared = self.cr8.shape[1] == 1
+        zf = zp.double()
+        signed = _fits_int8(float(-zf.max()), float(self.levels - zf.min()))
+        off = 0 if signed or self.bits <= 7 else 128
+        zps = zp.tolist()
+        self._bufs = {}
+        for g in range(G):
+            gr = g if self.cr8.shape[0] > 1 else 0
+            x = self.left[g, lo:hi, None]  # (s, 1, n, k)
+            fr = self.scale_r[gr]  # (m,)
+            yr = (self.target[g, lo:hi] * fr).reshape(ns, n * m)  # s_r,j Y_ij
+            w = fr * fr
+            yy = self.yy[g, lo:hi].sum()
+            zr = self.zr[gr, (0 if shared else slice(lo, hi))].reshape(-1, 1, 1, m)  # (s|1, 1, 1, m)
+            cs = self.colsum[gr, (0 if shared else slice(lo, hi))].reshape(-1, 1, 1, m)
+            for i in range(0, scale.shape[0], step):
+                sc = scale[i:i + step, g].reshape(1, -1, 1, 1)
+                c = sc.shape[1]
+                buf = torch.div(x, sc, out=self._buf("codes", (ns, c, n, k), torch.float32))  # the search's x / s
+                buf.round_()
+                if signed:  # D = clamp(round(x/s) + z, 0, L) − z = clamp(round(x/s), −z, L − z)
+                    for j in range(c):
+                        zj = zps[i + j][g]
+                        buf[:, j].clamp_(-zj, self.levels - zj)
+                    z_eff = None
+                else:
+                    z = zp[i:i + step, g].reshape(1, -1, 1, 1)
+                    buf.add_(z).clamp_(0, self.levels)
+                    if off:
+                        buf.sub_(off)
+                    z_eff = zf[i:i + step, g].reshape(1, -1, 1, 1) - off
+                u8 = self._buf("u8", (ns, c, n, k), torch.int8)
+                u8.copy_(buf)
+                p = self._buf("p", (ns, c * n, mc), torch.int32)
+                if shared:
+                    torch._int_mm(u8.view(ns * c * n, k), self.cr8[gr, 0], out=p.view(ns * c * n, mc))
+                else:
+                    for j in range(ns):
+                        torch._int_mm(u8[j].view(c * n, k), self.cr8[gr, lo + j], out=p[j])
+                o = self._buf("o", (ns, c, n, m), torch.float64)
+                o.copy_(p.view(ns, c, n, mc)[..., :m])
+                if self.need_rows:  # − z_r,j · rowsum_i(U')
+                    o.addcmul_(p.view(ns, c, n, mc)[..., m:].double(), zr, value=-1)
+                if z_eff is not None and bool((z_eff != 0).any()):  # − z'·colsum_j + z' z_r,j k
+                    o.add_(z_eff * (zr * k - cs))
+                ov = o.view(ns, c, n * m)
+                # Σ (s s_r,j P_ij − Y_ij)² = s² Σ s_r,j² P_ij² − 2 s Σ P_ij (s_r,j Y_ij) + ‖Y‖²
+                py = sum(torch.mv(ov[j], yr[j]) for j in range(ns))
+                ov.square_()
+                pp = (ov.view(-1, m) @ w).view(ns, c, n).sum(2).sum(0)
+                s64 = sc.double().reshape(-1)
+                out[i:i + c, g] = s64 * s64 * pp - 2 * s64 * py + yy
+        self._bufs = {}
+        return out
+
+
+def exact_argmin(errors: torch.Tensor, rescore: Callable[[torch.Tensor], torch.Tensor],
+                 window: float = WINDOW) -> tuple[torch.Tensor, dict]:
+    """The float32 search's per-group choice from exact errors (see the module docstring).
+
+    Args:
+        errors: float64 (C, G) exact errors of all candidates.
+        rescore: candidate indices (K,) → float64 (K, G) errors of the float32 search.
+    Returns:
+        (G,) chosen candidates and a record {"rescored": candidates re-scored, "window": final w}.
+    """
+    err = torch.where(torch.isnan(errors), torch.full_like(errors, float("inf")), errors)
+    n_cand, groups = err.shape
+    best_exact = err.min(0).values  # (G,)
+    if not torch.isfinite(best_exact).all():
+        idx = torch.arange(n_cand)
+        ref = rescore(idx)
+        return _first_min(ref), {"rescored": n_cand, "window": float("inf")}
+    scored: dict[int, torch.Tensor] = {}
+    w = window
+    while True:
+        short = err <= (best_exact * (1 + w))[None, :]  # (C, G)
+        need = short.sum(0) > 1
+        # the shortlists of more than one, and every group's exact argmin (to measure the deviation)
+        want = {int(c) for c in short[:, need].nonzero()[:, 0].tolist()} | set(err.argmin(0).tolist())
+        want = sorted(want - set(scored))
+        if want:
+            vals = rescore(torch.tensor(want))
+            for j, c in enumerate(want):
+                scored[c] = vals[j]
+        dev = 0.0
+        for c, v in scored.items():
+            rel = ((v - err[c]).abs() / err[c].clamp_min(1e-300))[short[c]]
+            if rel.numel():
+                dev = max(dev, float(rel.max()))
+        if 64 * dev <= w or w >= 1.0:
+            break
+        w = min(1.0, 64 * dev * 2)
+    choice = torch.empty(groups, dtype=torch.long)
+    for g in range(groups):
+        cands = short[:, g].nonzero()[:, 0]
+        if cands.numel() == 1:
+            choice[g] = cands[0]
+            continue
+        vals = torch.stack([scored[int(c)][g] for c in cands])
+        vals = torch.where(torch.isnan(vals), torch.full_like(vals, float("inf")), vals)
+        choice[g] = cands[int((vals == vals.min()).nonzero()[0, 0])]
+    return choice, {"rescored": len(scored), "window": w, "deviation": dev}
+
+
+def _first_min(err: torch.Tensor) -> torch.Tensor:
+    err = torch.where(torch.isnan(err), torch.full_like(err, float("inf")), err)
+    return (err == err.min(0, keepdim=True).values).to(torch.int8).argmax(0)
