@@ -20,7 +20,7 @@ from common.run.config import CONF_DIR, register_resolvers
 REPO = Path(__file__).resolve().parents[1]
 SWEEPS = REPO / "sweeps"
 EXPECTED_JOBS = {"ci_demo": 4, "aphq_table": 14, "erq_table": 14, "baselines": 63, "erq_coe": 24, "aphq_pct": 12,
-                 "fimaq_table": 21, "erq_sr_table": 16, "detection_table": 16}
+                 "fimaq_table": 21, "adalog_table": 28, "erq_sr_table": 16, "detection_table": 16}
 
 
 def _jobs(params: dict) -> list[list[str]]:
