@@ -26,7 +26,6 @@ import time
 from typing import Any
 
 import torch
-from omegaconf import OmegaConf
 from torch import nn
 
 from common.calib.calibrate import load_quant_state
@@ -34,8 +33,8 @@ from common.models.units import model_units
 from common.quant.adalog import fold_gelu_shift
 from common.quant.wrap import wrap_model
 from common.recon.block import block_recon_config, reconstruct_model
-from common.run.evaluate import predict, topk_accuracy
-from common.run.registry import PTQMethod, register_method, scheme_from_bits
+from common.run.registry import register_method, scheme_from_bits
+from common.run.staged import StagedMethod, cpu_state as _cpu_state, plain as _plain
 
 from .calibrate import LN_SITES, calib_config, calibrate_model, reparam_active
 
@@ -49,37 +48,14 @@ _OWN_RECON_KEYS = ("enabled", "n_images", "augment", "draw", "evaluate")
 _NO_EFFECT = ("log_every", "evaluate", "batch_size_capture")
 
 
-def _plain(node: Any) -> Any:
-    return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else copy.deepcopy(node)
-
-
-def _cpu_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-
-
 @register_method("adalog")
-class AdaLog(PTQMethod):
+class AdaLog(StagedMethod):
     """AdaLog "Calibrate" (FPCS only); `adalog_retrain` adds the block reconstruction."""
 
-    def n_calib(self) -> int:
-        return int(self.cfg.calib.n_images)
-
-    def _n(self, data, section: str) -> int:
-        want = int(self.cfg[section].n_images)
-        have = int(getattr(data, "n_calib_available", want))
-        if want > have:
-            log.warning("adalog: %s.n_images=%d but the calibration source has %d images; using %d",
-                        section, want, have, have)
-            self.ctx.tracker.log({"event": "adalog_n_images_capped", "section": section, "requested": want,
-                                  "used": have})
-            return have
-        return want
-
-    def _images(self, data, section: str) -> torch.Tensor:
-        node = self.cfg[section]
-        images, _ = data.calibration(self._n(data, section), augment=bool(node.get("augment", True)),
-                                     draw=int(node.get("draw", 0)))
-        return images
+    prefix = "adalog"
+    calib_source = "the calibration source"
+    no_effect = _NO_EFFECT
+    logger = log
 
     def _scheme(self):
         place = self.cfg.placement
@@ -93,24 +69,10 @@ class AdaLog(PTQMethod):
                                 softmax_a_bit=None if s_bit is None else int(s_bit))
 
     def _keys(self) -> dict[str, dict]:
-        bits, calib, recon, place = (_plain(self.bits), _plain(self.cfg.calib), _plain(self.cfg.recon),
-                                     _plain(self.cfg.placement))
-        for node in (calib, recon):
-            for k in _NO_EFFECT:
-                node.pop(k, None)
+        bits, place = _plain(self.bits), _plain(self.cfg.placement)
+        calib, recon = self._stripped(self.cfg.calib, self.cfg.recon)
         return {"adalog_calibrate": {"calib": calib, "placement": place, "bits": bits},
                 "adalog_reconstruct": {"recon": recon, "bits": bits}}
-
-    def _evaluate(self, model: nn.Module, data, desc: str) -> dict[str, float]:
-        if not hasattr(data, "eval_loader"):
-            return {}
-        logits, labels = predict(model, data.eval_loader(), self.ctx.device, desc)
-        return {"top1": topk_accuracy(logits, labels, 1), "top5": topk_accuracy(logits, labels, 5)}
-
-    def _report(self, name: str, res: dict) -> None:
-        summary = {k: v for k, v in (res.get("summary") or {}).items() if isinstance(v, (int, float))}
-        if summary:
-            self.ctx.tracker.log({"event": f"{name}_summary", **summary})
 
     # ------------------------------------------------------------------ main entry
 
@@ -166,10 +128,9 @@ class AdaLog(PTQMethod):
         gen = torch.Generator().manual_seed(int(self.ctx.cfg.seed))
         res = reconstruct_model(model, fp_model, images, rcfg, weights=None, tracker=self.ctx.tracker,
                                 device=device, generator=gen)
-        per_iter = [u["sec_per_iter"] for u in res["units"].values() if u.get("iters")]
         summary = {"recon_seconds": round(time.perf_counter() - t0, 3), "recon_images": images.shape[0],
                    "recon_units": len(model_units(model)),
-                   "recon_sec_per_iter": (sum(per_iter) / len(per_iter)) if per_iter else 0.0}
+                   "recon_sec_per_iter": self._sec_per_iter(res["units"])}
         return {"state_dict": _cpu_state(model), "units": res["units"], "summary": summary}
 
 

@@ -31,22 +31,18 @@ from __future__ import annotations
 
 import copy
 import logging
-import os
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import OmegaConf
 from torch import nn
 
 from common.recon.block import block_recon_config, reconstruct_model
-from common.run.evaluate import predict, topk_accuracy
-from common.run.registry import PTQMethod, register_method, scheme_from_bits
+from common.run.registry import register_method
+from common.run.staged import StagedMethod, cpu_state as _cpu_state, plain as _plain
 from common.quant.wrap import wrap_model
-from common.run.stages import signature
 from common.models.units import model_units
-from common.calib.calibrate import LN_SITES, CalibConfig, calibrate_model, load_quant_state, reparam_active
+from common.calib.calibrate import load_quant_state
 
 from .aph import average_perturbation_hessian, brecq_fisher_weights, fp_logits
 from .mlp_recon import mlp_recon_config, reconstruct_mlps, relu_swap
@@ -58,18 +54,6 @@ log = logging.getLogger(__name__)
 STAGES = ("aphq_mlp_recon", "aphq_calibrate", "aphq_reconstruct")
 
 
-class _StageMissing(RuntimeError):
-    """Raised by the compute function of a stage that was expected on disk."""
-
-
-def _missing() -> dict:
-    raise _StageMissing()
-
-
-def _plain(node: Any) -> Any:
-    return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else copy.deepcopy(node)
-
-
 def _engine_cfg(node: Any, drop: tuple[str, ...] = ("evaluate", "resume")) -> dict:
     """A stage config node as a plain dict without this module's own keys (the engines warn on them)."""
     d = _plain(node)
@@ -78,18 +62,14 @@ def _engine_cfg(node: Any, drop: tuple[str, ...] = ("evaluate", "resume")) -> di
     return d
 
 
-def _cpu_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-
-
 @register_method("aphq")
-class APHQ(PTQMethod):
+class APHQ(StagedMethod):
     """APHQ-ViT and the BRECQ / QDrop family (see module docstring and conf/method/aphq.yaml)."""
 
-    # ------------------------------------------------------------------ config helpers
+    prefix = "aphq"
+    logger = log
 
-    def n_calib(self) -> int:
-        return int(self.cfg.calib.n_images)
+    # ------------------------------------------------------------------ config helpers
 
     def images(self, data) -> dict[str, int]:
         """Images of each enabled stage (MR, calibration, reconstruction), as capped by `_n`."""
@@ -97,71 +77,16 @@ class APHQ(PTQMethod):
         return {stage: self._n(data, section, quiet=True) for stage, section in sections
                 if section == "calib" or bool(self.cfg[section].enabled)}
 
-    def _n(self, data, section: str, quiet: bool = False) -> int:
-        """Images a stage draws, capped (with a warning unless `quiet`) at what the dataset holds."""
-        want = int(self.cfg[section].n_images)
-        have = int(getattr(data, "n_calib_available", want))
-        if want > have and quiet:
-            return have
-        if want > have:
-            log.warning("aphq: %s.n_images=%d but the dataset's calibration source has %d images; using %d",
-                        section, want, have, have)
-            self.ctx.tracker.log({"event": "aphq_n_images_capped", "section": section, "requested": want,
-                                  "used": have})
-            return have
-        return want
-
-    def _images(self, data, section: str) -> torch.Tensor:
-        node = self.cfg[section]
-        images, _ = data.calibration(self._n(data, section), augment=bool(node.get("augment", True)),
-                                     draw=int(node.get("draw", 0)))
-        return images
-
-    def _scheme(self):
-        calib = CalibConfig.from_node(_plain(self.cfg.calib))
-        bits = self.bits
-        reparam = reparam_active(calib, int(bits.w_bit), int(bits.a_bit))
-        return scheme_from_bits(bits, matmul_granularity="head", act_granularity="tensor",
-                                ln_act_granularity="channel" if reparam else "tensor", ln_sites=LN_SITES,
-                                round_zero_point=True, symmetric_weights=False, softmax_quantizer="uniform")
-
     def _keys(self) -> dict[str, dict]:
         """What each stage depends on (besides the run's model / data / seed and the upstream stage).
 
         Switches that cannot change a result (logging, evaluation, exact speed-ups, resume) are left
         out, so flipping them reuses saved stages."""
         bits = _plain(self.bits)
-        mr = _plain(self.cfg.mlp_recon)
-        calib = _plain(self.cfg.calib)
-        recon = _plain(self.cfg.recon)
-        for node in (mr, calib, recon):
-            for k in ("log_every", "evaluate", "prune", "memo", "resume", "eval_stats"):
-                node.pop(k, None)
+        mr, calib, recon = self._stripped(self.cfg.mlp_recon, self.cfg.calib, self.cfg.recon)
         return {"aphq_mlp_recon": {"mlp_recon": mr},
                 "aphq_calibrate": {"calib": calib, "bits": bits},
                 "aphq_reconstruct": {"recon": recon, "bits": bits}}
-
-    # ------------------------------------------------------------------ stage plumbing
-
-    def _expected_sig(self, name: str, key: dict) -> tuple[str, dict | None]:
-        """Signature of a stage (the file's own for an explicit `stages.load.<name>`), and the loaded
-        explicit result if any (so it is not read twice)."""
-        stages = self.ctx.stages
-        if name in stages.explicit:
-            path = Path(stages.explicit[name]).expanduser()
-            if path.is_file():
-                res = torch.load(path, map_location="cpu", weights_only=False)
-                return res.get("_sig", signature({"stage": name, "key": {"base": self.ctx.base_key, "key": key}})), res
-        return signature({"stage": name, "key": {"base": self.ctx.base_key, "key": key}}), None
-
-    def _available(self, name: str, sig: str) -> bool:
-        stages = self.ctx.stages
-        if name in stages.explicit:
-            return True
-        if not stages.reuse:
-            return False
-        return any(folder is not None and (Path(folder) / f"{name}-{sig}.pt").is_file()
-                   for folder in (stages.dir, stages.shared))
 
     # ------------------------------------------------------------------ main entry
 
@@ -173,66 +98,33 @@ class APHQ(PTQMethod):
         mr_on = bool(cfg.mlp_recon.enabled)
         rec_on = bool(cfg.recon.enabled)
         chain = [n for n, on in zip(STAGES, (mr_on, True, rec_on)) if on]
-        sigs: dict[str, str] = {}
-        upstream = None
-        for name in chain:
-            key = dict(keys[name], upstream=upstream)
-            keys[name] = key
-            sigs[name], _ = self._expected_sig(name, key)
-            upstream = sigs[name]
-        last = max((i for i, n in enumerate(chain) if self._available(n, sigs[n])), default=-1)
+        sigs = self._chain(chain, keys)
 
-        def prepare(wrapped: bool) -> None:
+        def restore(name: str, res: dict) -> None:
             if mr_on:
                 relu_swap(model)
-            if wrapped:
+            if name != "aphq_mlp_recon":
                 wrap_model(model, self._scheme())
             model.to(device)
+            load(name, res)
 
-        while last >= 0:  # resume from the latest available stage; earlier stages are not touched
-            name = chain[last]
-            try:
-                res, _ = ctx.stage(name, keys[name], _missing)
-            except _StageMissing:  # unreadable file: fall back to the stage before
-                last -= 1
-                continue
-            prepare(wrapped=name != "aphq_mlp_recon")
+        def load(name: str, res: dict) -> None:
             if name == "aphq_mlp_recon":
                 model.load_state_dict(res["state_dict"])
             else:
                 load_quant_state(model, res["state_dict"])
-            self._report(name, res)
-            break
+
+        last = self._resume(chain, keys, sigs, restore)
         if last < 0:
             model.to(device)
-        for name in chain[last + 1:]:
-            if name == "aphq_mlp_recon":
-                res, _ = ctx.stage(name, keys[name], lambda: self._mlp_recon(model, fp_model, data))
-                model.load_state_dict(res["state_dict"])
-            elif name == "aphq_calibrate":
-                res, _ = ctx.stage(name, keys[name], lambda: self._calibrate(model, data))
-                load_quant_state(model, res["state_dict"])
-            else:
-                res, _ = ctx.stage(name, keys[name],
-                                   lambda: self._reconstruct(model, fp_model, data, sigs["aphq_reconstruct"]))
-                load_quant_state(model, res["state_dict"])
-            self._report(name, res)
+        computes = {"aphq_mlp_recon": lambda: self._mlp_recon(model, fp_model, data),
+                    "aphq_calibrate": lambda: self._calibrate(model, data),
+                    "aphq_reconstruct": lambda: self._reconstruct(model, fp_model, data, sigs["aphq_reconstruct"])}
+        self._run_rest(chain[last + 1:], keys, computes, load)
         model.eval()
         return model
 
-    def _report(self, name: str, res: dict) -> None:
-        """Log a stage's summary numbers (accuracies, timings) to the run's metrics."""
-        summary = {k: v for k, v in (res.get("summary") or {}).items() if isinstance(v, (int, float))}
-        if summary:
-            self.ctx.tracker.log({"event": f"{name}_summary", **summary})
-
     # ------------------------------------------------------------------ stage 1: MLP reconstruction
-
-    def _evaluate(self, model: nn.Module, data, desc: str) -> dict[str, float]:
-        if not hasattr(data, "eval_loader"):
-            return {}
-        logits, labels = predict(model, data.eval_loader(), self.ctx.device, desc)
-        return {"top1": topk_accuracy(logits, labels, 1), "top5": topk_accuracy(logits, labels, 5)}
 
     def _mlp_recon(self, model: nn.Module, fp_model: nn.Module, data) -> dict:
         cfg = self.cfg.mlp_recon
@@ -251,26 +143,9 @@ class APHQ(PTQMethod):
 
     # ------------------------------------------------------------------ stage 2: calibration
 
-    def _calibrate(self, model: nn.Module, data) -> dict:
-        ccfg = CalibConfig.from_node(_plain(self.cfg.calib))
-        t0 = time.perf_counter()
-        images = self._images(data, "calib")
-        wrap_model(model, self._scheme())
-        model.to(self.ctx.device)
-        rec = calibrate_model(model, images, ccfg, int(self.bits.w_bit), int(self.bits.a_bit), self.ctx.device)
-        summary: dict[str, Any] = {"calib_seconds": round(time.perf_counter() - t0, 3),
-                                   "calib_images": images.shape[0], "calib_reparam": rec["reparam"]}
-        if bool(self.cfg.calib.get("evaluate", True)):
-            acc = self._evaluate(model, data, "calibrated eval")
-            summary.update({f"calib_{k}": v for k, v in acc.items()})
-        return {"state_dict": _cpu_state(model), "records": rec, "summary": summary}
+    # `_calibrate`: APHQ's wrapping and calibration search, common.run.staged.StagedMethod._calibrate
 
     # ------------------------------------------------------------------ stage 3: block reconstruction
-
-    def _partial_paths(self, sig: str) -> list[Path]:
-        stages = self.ctx.stages
-        return [Path(folder) / f"aphq_reconstruct-{sig}.partial.pt" for folder in (stages.dir, stages.shared)
-                if folder is not None]
 
     def _reconstruct(self, model: nn.Module, fp_model: nn.Module, data, sig: str) -> dict:
         cfg = self.cfg.recon
@@ -282,15 +157,9 @@ class APHQ(PTQMethod):
         fp_model.to(device)
         units = [u.name for u in model_units(model)]
         start, done_stats = 0, {}
-        partials = self._partial_paths(sig)
+        partials = self._partial_paths("aphq_reconstruct", sig)
         if bool(cfg.get("resume", True)):
-            for p in partials:
-                if p.is_file():
-                    part = torch.load(p, map_location="cpu", weights_only=False)
-                    load_quant_state(model, part["state_dict"])
-                    start, done_stats = int(part["next_unit"]), dict(part.get("units", {}))
-                    self.ctx.tracker.log({"event": "aphq_reconstruct_resumed", "next_unit": start, "path": str(p)})
-                    break
+            start, done_stats = self._load_partial(model, "aphq_reconstruct", partials)
         t_w = time.perf_counter()
         aph_kw = dict(eps=float(cfg.eps), temp=float(cfg.temp), batch_size=int(cfg.get("aph_batch_size", 32)),
                       mode=str(cfg.get("aph_mode", "faithful")), device=device, progress=False)
@@ -313,12 +182,8 @@ class APHQ(PTQMethod):
 
         def on_unit_done(name: str) -> None:
             index = units.index(name)
-            part = {"state_dict": _cpu_state(model), "next_unit": index + 1, "units": stats_acc}
-            for p in partials:
-                p.parent.mkdir(parents=True, exist_ok=True)
-                tmp = p.with_suffix(".tmp")
-                torch.save(part, tmp)
-                os.replace(tmp, p)
+            self._save_partial(partials, {"state_dict": _cpu_state(model), "next_unit": index + 1,
+                                          "units": stats_acc})
 
         gen = torch.Generator().manual_seed(int(self.ctx.cfg.seed))
         res = reconstruct_model(model, fp_model, images, rcfg, weights=weights, tracker=self.ctx.tracker,
@@ -326,10 +191,9 @@ class APHQ(PTQMethod):
         stats_acc.update(res["units"])
         for p in partials:
             p.unlink(missing_ok=True)
-        per_iter = [u["sec_per_iter"] for u in res["units"].values() if u.get("iters")]
         summary = {"recon_seconds": round(time.perf_counter() - t0, 3), "recon_images": images.shape[0],
                    "recon_weights_seconds": round(aph_seconds, 3), "recon_resumed_at": start,
-                   "recon_sec_per_iter": (sum(per_iter) / len(per_iter)) if per_iter else 0.0}
+                   "recon_sec_per_iter": self._sec_per_iter(res["units"])}
         return {"state_dict": _cpu_state(model), "units": stats_acc, "summary": summary}
 
 

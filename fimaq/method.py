@@ -19,21 +19,16 @@ from __future__ import annotations
 
 import copy
 import logging
-import os
 import time
-from pathlib import Path
-from typing import Any
 
 import torch
-from omegaconf import OmegaConf
 from torch import nn
 
-from common.calib.calibrate import LN_SITES, CalibConfig, calibrate_model, load_quant_state, reparam_active
+from common.calib.calibrate import load_quant_state
 from common.models.units import model_units
 from common.recon.block import block_recon_config, reconstruct_model
-from common.run.evaluate import predict, topk_accuracy
-from common.run.registry import PTQMethod, register_method, scheme_from_bits
-from common.run.stages import signature
+from common.run.registry import register_method
+from common.run.staged import StagedMethod, cpu_state as _cpu_state, plain as _plain
 from common.quant.wrap import wrap_model
 
 from .fisher import FisherSnapshots, brecq_fisher_sq, teacher_probs
@@ -51,22 +46,6 @@ FIMAQ_KEYS = ("enabled", "n_images", "augment", "draw", "metric", "k", "p1", "p2
 _NO_EFFECT = ("log_every", "evaluate", "prune", "memo", "resume", "eval_stats")
 
 
-def _plain(node: Any) -> Any:
-    return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else copy.deepcopy(node)
-
-
-def _cpu_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-
-
-class _Missing(RuntimeError):
-    pass
-
-
-def _missing() -> dict:
-    raise _Missing()
-
-
 def engine_config(recon: dict) -> dict:
     """The `common.recon.block` settings for a FIMA-Q `recon` node (plain dict)."""
     metric = str(recon.get("metric", "fisher_dplr"))
@@ -80,73 +59,20 @@ def engine_config(recon: dict) -> dict:
 
 
 @register_method("fimaq")
-class FIMAQ(PTQMethod):
+class FIMAQ(StagedMethod):
     """FIMA-Q (see the module docstring and conf/method/fimaq.yaml)."""
 
-    def n_calib(self) -> int:
-        return int(self.cfg.calib.n_images)
+    prefix = "fimaq"
+    logger = log
+    no_effect = _NO_EFFECT
 
     # ------------------------------------------------------------------ helpers
 
-    def _images(self, data, section: str) -> torch.Tensor:
-        node = self.cfg[section]
-        want = int(node.n_images)
-        have = int(getattr(data, "n_calib_available", want))
-        if want > have:
-            log.warning("fimaq: %s.n_images=%d but the dataset's calibration source has %d images; using %d",
-                        section, want, have, have)
-            self.ctx.tracker.log({"event": "fimaq_n_images_capped", "section": section, "requested": want,
-                                  "used": have})
-            want = have
-        images, _ = data.calibration(want, augment=bool(node.get("augment", True)), draw=int(node.get("draw", 0)))
-        return images
-
-    def _scheme(self):
-        calib = CalibConfig.from_node(_plain(self.cfg.calib))
-        bits = self.bits
-        reparam = reparam_active(calib, int(bits.w_bit), int(bits.a_bit))
-        return scheme_from_bits(bits, matmul_granularity="head", act_granularity="tensor",
-                                ln_act_granularity="channel" if reparam else "tensor", ln_sites=LN_SITES,
-                                round_zero_point=True, symmetric_weights=False, softmax_quantizer="uniform")
-
     def _keys(self) -> dict[str, dict]:
         bits = _plain(self.bits)
-        calib, recon = _plain(self.cfg.calib), _plain(self.cfg.recon)
-        for node in (calib, recon):
-            for k in _NO_EFFECT:
-                node.pop(k, None)
+        calib, recon = self._stripped(self.cfg.calib, self.cfg.recon)
         return {"fimaq_calibrate": {"calib": calib, "bits": bits},
                 "fimaq_reconstruct": {"recon": recon, "bits": bits}}
-
-    def _sig(self, name: str, key: dict) -> str:
-        stages = self.ctx.stages
-        if name in stages.explicit:
-            path = Path(stages.explicit[name]).expanduser()
-            if path.is_file():
-                res = torch.load(path, map_location="cpu", weights_only=False)
-                if "_sig" in res:
-                    return res["_sig"]
-        return signature({"stage": name, "key": {"base": self.ctx.base_key, "key": key}})
-
-    def _available(self, name: str, sig: str) -> bool:
-        stages = self.ctx.stages
-        if name in stages.explicit:
-            return True
-        if not stages.reuse:
-            return False
-        return any(folder is not None and (Path(folder) / f"{name}-{sig}.pt").is_file()
-                   for folder in (stages.dir, stages.shared))
-
-    def _evaluate(self, model: nn.Module, data, desc: str) -> dict[str, float]:
-        if not hasattr(data, "eval_loader"):
-            return {}
-        logits, labels = predict(model, data.eval_loader(), self.ctx.device, desc)
-        return {"top1": topk_accuracy(logits, labels, 1), "top5": topk_accuracy(logits, labels, 5)}
-
-    def _report(self, name: str, res: dict) -> None:
-        summary = {k: v for k, v in (res.get("summary") or {}).items() if isinstance(v, (int, float))}
-        if summary:
-            self.ctx.tracker.log({"event": f"{name}_summary", **summary})
 
     def _check(self) -> None:
         """Config errors before any compute (one line each)."""
@@ -163,57 +89,27 @@ class FIMAQ(PTQMethod):
         fp_model = copy.deepcopy(model).eval()
         keys = self._keys()
         chain = [n for n, on in zip(STAGES, (True, bool(cfg.recon.enabled))) if on]
-        sigs, upstream = {}, None
-        for name in chain:
-            keys[name] = dict(keys[name], upstream=upstream)
-            sigs[name] = upstream = self._sig(name, keys[name])
-        last = max((i for i, n in enumerate(chain) if self._available(n, sigs[n])), default=-1)
-        while last >= 0:  # resume from the latest available stage; earlier stages are not touched
-            name = chain[last]
-            try:
-                res, _ = ctx.stage(name, keys[name], _missing)
-            except _Missing:
-                last -= 1
-                continue
+        sigs = self._chain(chain, keys)
+
+        def restore(_name: str, res: dict) -> None:
             wrap_model(model, self._scheme())
             model.to(ctx.device)
             load_quant_state(model, res["state_dict"])
-            self._report(name, res)
-            break
+
+        last = self._resume(chain, keys, sigs, restore)
         if last < 0:
             model.to(ctx.device)
-        for name in chain[last + 1:]:
-            if name == "fimaq_calibrate":
-                res, _ = ctx.stage(name, keys[name], lambda: self._calibrate(model, data))
-            else:
-                res, _ = ctx.stage(name, keys[name],
-                                   lambda: self._reconstruct(model, fp_model, data, sigs["fimaq_reconstruct"]))
-            load_quant_state(model, res["state_dict"])
-            self._report(name, res)
+        computes = {"fimaq_calibrate": lambda: self._calibrate(model, data),
+                    "fimaq_reconstruct": lambda: self._reconstruct(model, fp_model, data, sigs["fimaq_reconstruct"])}
+        self._run_rest(chain[last + 1:], keys, computes, lambda _name, res: load_quant_state(model, res["state_dict"]))
         model.eval()
         return model
 
     # ------------------------------------------------------------------ stage 1: calibration
 
-    def _calibrate(self, model: nn.Module, data) -> dict:
-        ccfg = CalibConfig.from_node(_plain(self.cfg.calib))
-        t0 = time.perf_counter()
-        images = self._images(data, "calib")
-        wrap_model(model, self._scheme())
-        model.to(self.ctx.device)
-        rec = calibrate_model(model, images, ccfg, int(self.bits.w_bit), int(self.bits.a_bit), self.ctx.device)
-        summary: dict[str, Any] = {"calib_seconds": round(time.perf_counter() - t0, 3),
-                                   "calib_images": images.shape[0], "calib_reparam": rec["reparam"]}
-        if bool(self.cfg.calib.get("evaluate", True)):
-            summary.update({f"calib_{k}": v for k, v in self._evaluate(model, data, "calibrated eval").items()})
-        return {"state_dict": _cpu_state(model), "records": rec, "summary": summary}
+    # `_calibrate`: APHQ's wrapping and calibration search, common.run.staged.StagedMethod._calibrate
 
     # ------------------------------------------------------------------ stage 2: reconstruction
-
-    def _partials(self, sig: str) -> list[Path]:
-        stages = self.ctx.stages
-        return [Path(folder) / f"fimaq_reconstruct-{sig}.partial.pt" for folder in (stages.dir, stages.shared)
-                if folder is not None]
 
     def _reconstruct(self, model: nn.Module, fp_model: nn.Module, data, sig: str) -> dict:
         cfg, device, tracker = self.cfg.recon, self.ctx.device, self.ctx.tracker
@@ -228,15 +124,9 @@ class FIMAQ(PTQMethod):
         units = [u.name for u in model_units(model)]
         fp_units = model_units(fp_model)
         start, done = 0, {}
-        partials = self._partials(sig)
+        partials = self._partial_paths("fimaq_reconstruct", sig)
         if bool(cfg.get("resume", True)):
-            for p in partials:
-                if p.is_file():
-                    part = torch.load(p, map_location="cpu", weights_only=False)
-                    load_quant_state(model, part["state_dict"])
-                    start, done = int(part["next_unit"]), dict(part.get("units", {}))
-                    tracker.log({"event": "fimaq_reconstruct_resumed", "next_unit": start, "path": str(p)})
-                    break
+            start, done = self._load_partial(model, "fimaq_reconstruct", partials)
         steps = snapshot_steps(rcfg.iters, int(cfg.k), str(cfg.dis_mode), bool(cfg.exact_rank))
         tracker.log({"event": "fimaq_schedule", "metric": metric, "k": int(cfg.k), "realised_rank": len(steps),
                      "snapshot_steps": list(steps), "dis_mode": str(cfg.dis_mode)})
@@ -262,12 +152,8 @@ class FIMAQ(PTQMethod):
             if snaps is not None and name in snaps.ranks:
                 tracker.log({"event": "fimaq_unit_rank", "unit": name, "realised_rank": snaps.ranks[name]})
                 snaps.release(name)
-            part = {"state_dict": _cpu_state(model), "next_unit": index + 1, "units": stats_acc}
-            for p in partials:
-                p.parent.mkdir(parents=True, exist_ok=True)
-                tmp = p.with_suffix(".tmp")
-                torch.save(part, tmp)
-                os.replace(tmp, p)
+            self._save_partial(partials, {"state_dict": _cpu_state(model), "next_unit": index + 1,
+                                          "units": stats_acc})
 
         gen = torch.Generator().manual_seed(int(self.ctx.cfg.seed))
         res = reconstruct_model(model, fp_model, images, rcfg, weights=weights, tracker=tracker, device=device,
@@ -277,12 +163,11 @@ class FIMAQ(PTQMethod):
         stats_acc.update(res["units"])
         for p in partials:
             p.unlink(missing_ok=True)
-        per_iter = [u["sec_per_iter"] for u in res["units"].values() if u.get("iters")]
         summary = {"recon_seconds": round(time.perf_counter() - t0, 3), "recon_images": images.shape[0],
                    "recon_teacher_seconds": round(teacher_seconds, 3),
                    "recon_snapshot_seconds": round(snaps.seconds if snaps else 0.0, 3), "recon_resumed_at": start,
                    "recon_realised_rank": len(steps) if metric in FIMAQ_METRICS else 0,
-                   "recon_sec_per_iter": (sum(per_iter) / len(per_iter)) if per_iter else 0.0}
+                   "recon_sec_per_iter": self._sec_per_iter(res["units"])}
         return {"state_dict": _cpu_state(model), "units": stats_acc, "summary": summary}
 
 
