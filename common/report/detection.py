@@ -9,19 +9,18 @@ detection runs.
 from __future__ import annotations
 
 import csv
-import json
 import statistics
-import sys
 from collections import defaultdict
 from pathlib import Path
 from typing import Any, Iterable
 
 import yaml
 
+from common.report.runs import PUBLISHED, iter_results, method_label
+
 __all__ = ["collect_detection", "load_published_detection", "build_detection_table", "detection_markdown",
            "write_detection_report", "MODEL_ORDER"]
 
-PUBLISHED = Path(__file__).resolve().parent / "assets" / "published.yaml"
 MODEL_ORDER = ("mask_rcnn_swin_t", "mask_rcnn_swin_s", "cascade_mask_rcnn_swin_t", "cascade_mask_rcnn_swin_s")
 _TITLE = {"mask_rcnn_swin_t": "Mask R-CNN Swin-T", "mask_rcnn_swin_s": "Mask R-CNN Swin-S",
           "cascade_mask_rcnn_swin_t": "Cascade Mask R-CNN Swin-T", "cascade_mask_rcnn_swin_s": "Cascade Mask R-CNN Swin-S"}
@@ -30,20 +29,8 @@ FP = "fp"
 
 def collect_detection(dirs: Iterable[str | Path]) -> list[dict[str, Any]]:
     """results.json of every task=detection run below `dirs` (report folders skipped)."""
-    out = []
-    for d in dirs:
-        for p in sorted(Path(d).rglob("results.json")):
-            if "report" in p.parent.parts[len(Path(d).parts):]:
-                continue
-            try:
-                r = json.loads(p.read_text())
-            except (OSError, json.JSONDecodeError) as exc:
-                print(f"warning: skipping {p}: {exc}", file=sys.stderr)
-                continue
-            if r.get("task") == "detection" and "quant_box_ap" in r:
-                r["_dir"] = str(p.parent)
-                out.append(r)
-    return out
+    return [{**r, "_dir": str(p.parent)} for p, r in iter_results(dirs)
+            if r.get("task") == "detection" and "quant_box_ap" in r]
 
 
 def load_published_detection(path: Path = PUBLISHED) -> dict[tuple[str, str, str], tuple[float, float, str]]:
@@ -55,12 +42,6 @@ def load_published_detection(path: Path = PUBLISHED) -> dict[tuple[str, str, str
     return out
 
 
-def _label(r: dict[str, Any]) -> str:
-    variant = [o for o in r.get("overrides") or [] if o.lstrip("+~").startswith("method.")]
-    return r["method"] + (f"[{','.join(sorted(o.lstrip('+~').removeprefix('method.') for o in variant))}]"
-                          if variant else "")
-
-
 def build_detection_table(runs: list[dict[str, Any]], published: dict | None = None) -> dict:
     """{bits: {"models": [...], "rows": {row: {model: {"ours": (box, mask) | None, "pub": (box, mask) | None,
     "n": runs}}}}}; the FP row of every bit-width is the runs' FP evaluation."""
@@ -70,7 +51,7 @@ def build_detection_table(runs: list[dict[str, Any]], published: dict | None = N
     for r in runs:
         acc[r["bits"]][FP][r["model"]].append((r["fp_box_ap"], r["fp_mask_ap"]))
         if r["method"] != FP:
-            acc[r["bits"]][_label(r)][r["model"]].append((r["quant_box_ap"], r["quant_mask_ap"]))
+            acc[r["bits"]][method_label(r)][r["model"]].append((r["quant_box_ap"], r["quant_mask_ap"]))
     tables = {}
     for bits, rows in sorted(acc.items()):
         models = sorted({m for row in rows.values() for m in row},

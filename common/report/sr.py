@@ -8,18 +8,17 @@ Written by `python -m common.report DIR` as `sr_report.md` and `sr_table.csv` wh
 from __future__ import annotations
 
 import csv
-import json
 import statistics
-import sys
 from collections import defaultdict
 from pathlib import Path
 from typing import Any, Iterable
 
 import yaml
 
+from common.report.runs import PUBLISHED, iter_results, method_label
+
 __all__ = ["collect_sr", "load_published_sr", "build_sr_table", "sr_markdown", "write_sr_report", "SET_ORDER"]
 
-PUBLISHED = Path(__file__).resolve().parent / "assets" / "published.yaml"
 SET_ORDER = ("set5", "set14", "b100", "urban100")
 _SET_TITLE = {"set5": "Set5", "set14": "Set14", "b100": "BSD100", "urban100": "Urban100"}
 FP, BICUBIC = "fp", "bicubic"
@@ -27,20 +26,7 @@ FP, BICUBIC = "fp", "bicubic"
 
 def collect_sr(dirs: Iterable[str | Path]) -> list[dict[str, Any]]:
     """results.json of every task=sr run below `dirs` (report folders skipped)."""
-    out = []
-    for d in dirs:
-        for p in sorted(Path(d).rglob("results.json")):
-            if "report" in p.parent.parts[len(Path(d).parts):]:
-                continue
-            try:
-                r = json.loads(p.read_text())
-            except (OSError, json.JSONDecodeError) as exc:
-                print(f"warning: skipping {p}: {exc}", file=sys.stderr)
-                continue
-            if r.get("task") == "sr" and "quant_psnr" in r:
-                r["_dir"] = str(p.parent)
-                out.append(r)
-    return out
+    return [{**r, "_dir": str(p.parent)} for p, r in iter_results(dirs) if r.get("task") == "sr" and "quant_psnr" in r]
 
 
 def load_published_sr(path: Path = PUBLISHED) -> dict[tuple[str, str, str, str], tuple[float, float, str]]:
@@ -51,12 +37,6 @@ def load_published_sr(path: Path = PUBLISHED) -> dict[tuple[str, str, str, str],
         for s, (p, q) in e["sets"].items():
             out.setdefault((e["method"], e["bits"], e["model"], s), (float(p), float(q), e["source"]))
     return out
-
-
-def _label(r: dict[str, Any]) -> str:
-    variant = [o for o in r.get("overrides") or [] if o.lstrip("+~").startswith("method.")]
-    return r["method"] + (f"[{','.join(sorted(o.lstrip('+~').removeprefix('method.') for o in variant))}]"
-                          if variant else "")
 
 
 def build_sr_table(runs: list[dict[str, Any]], published: dict | None = None) -> dict:
@@ -70,7 +50,7 @@ def build_sr_table(runs: list[dict[str, Any]], published: dict | None = None) ->
         acc[key][FP][s].append((r["fp_psnr"], r["fp_ssim"]))
         acc[key][BICUBIC][s].append((r["bicubic_psnr"], r["bicubic_ssim"]))
         if r["method"] != FP:
-            acc[key][_label(r)][s].append((r["quant_psnr"], r["quant_ssim"]))
+            acc[key][method_label(r)][s].append((r["quant_psnr"], r["quant_ssim"]))
     tables = {}
     for (model, bits), rows in sorted(acc.items()):
         sets = sorted({s for row in rows.values() for s in row},

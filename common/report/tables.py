@@ -32,11 +32,11 @@ from typing import Any, Iterable
 
 import yaml
 
+from common.report.runs import PUBLISHED, iter_results
 from common.run.tracking import INFRA_OVERRIDE
 
 __all__ = ["Run", "collect", "load_published", "build_table", "write_report", "main"]
 
-PUBLISHED = Path(__file__).resolve().parent / "assets" / "published.yaml"
 FP = "fp"  # section / row name of full-precision results
 
 # What a row label leaves out besides infrastructure (common.run.tracking.INFRA_OVERRIDE): the row/column keys.
@@ -109,19 +109,11 @@ def _read_metrics(path: Path) -> tuple[dict[str, float], dict[str, list[tuple[in
 def collect(dirs: Iterable[str | Path]) -> list[Run]:
     """Every `results.json` below `dirs` (report folders skipped), sorted by path."""
     runs = []
-    for d in dirs:
-        for p in sorted(Path(d).rglob("results.json")):
-            if "report" in p.parent.parts[len(Path(d).parts):]:
-                continue
-            try:
-                results = json.loads(p.read_text())
-            except (OSError, json.JSONDecodeError) as exc:
-                print(f"warning: skipping {p}: {exc}", file=sys.stderr)
-                continue
-            if not all(k in results for k in ("model", "method", "bits", "quant_top1")):
-                continue
-            extras, curves = _read_metrics(p.parent / "metrics.jsonl")
-            runs.append(Run(p.parent, results, extras, curves))
+    for p, results in iter_results(dirs):
+        if not all(k in results for k in ("model", "method", "bits", "quant_top1")):
+            continue
+        extras, curves = _read_metrics(p.parent / "metrics.jsonl")
+        runs.append(Run(p.parent, results, extras, curves))
     return runs
 
 
