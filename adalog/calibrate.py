@@ -41,17 +41,14 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
 from common.calib.search import CAND_BUDGET, LeftOperandSearch, self_errors, weight_output_errors
-from common.calib.capture import batched, capture_io, iter_unit_inputs
+from common.calib.capture import iter_layer_io
 from common.calib.reparam import reparameterize_layernorm
-from common.models.units import model_units
-from common.quant import QuantConv2d, QuantLinear, QuantMatMul, UniformQuantizer, quant_state
+from common.quant import QuantConv2d, QuantLinear, QuantMatMul, UniformQuantizer
 from common.quant.adalog import AdaLogQuantizer, adalog_codes, adalog_levels
 from common.quant.granularity import PerTensor
 from common.quant.quantizers import LogQuantizer
-from common.quant.wrap import quant_layers
 from common.settings import dataclass_from
 
 from .fpcs import best_k, fpcs
@@ -450,39 +447,23 @@ def calibrate_model(model: nn.Module, images: torch.Tensor, cfg: AdaLogCalibConf
     Returns {"modules": {qname: record}, "seconds": {qname: s}, "reparam": bool}.
     """
     do_reparam = reparam_active(cfg, w_bit, a_bit)
-    units = model_units(model)
     records: dict[str, Any] = {}
     seconds: dict[str, float] = {}
     model.eval()
-    with quant_state(model, weight=False, act=False):
-        walk = iter_unit_inputs(units, images, cfg.batch_size, device)
-        for _, unit, x in tqdm(walk, total=len(units), desc="adalog calibration", disable=not progress,
-                               mininterval=2.0):
-            layers = dict(quant_layers(unit.module))
-            if not layers:
-                continue
-            with capture_io(layers, arg=None, outputs=True) as io:
-                for xb in batched(x, cfg.batch_size):
-                    unit.module(xb)
-            for name, layer in layers.items():
-                t0 = time.perf_counter()
-                ins = tuple(torch.cat(t) for t in zip(*io[name]["inputs"]))
-                out = torch.cat(io[name]["outputs"])
-                io[name] = {"inputs": [], "outputs": []}
-                qname = getattr(layer, "qname", name)
-                if isinstance(layer, QuantMatMul):
-                    if layer.site == "matmul2" and isinstance(layer.a_quantizer, (AdaLogQuantizer, LogQuantizer)):
-                        rec = calibrate_softmax_matmul(layer, ins[0], ins[1], out, cfg)
-                    else:
-                        rec = calibrate_matmul(layer, ins[0], ins[1], out, cfg)
-                elif isinstance(layer, QuantConv2d):
-                    rec = calibrate_conv(layer, ins[0], out, cfg)
-                elif _adalog(layer.input_quantizer) is not None:
-                    rec = calibrate_post_gelu(layer, ins[0], out, cfg)
-                else:
-                    norm = _prev_norm(model, layer) if do_reparam and layer.site in LN_SITES else None
-                    rec = calibrate_linear(layer, ins[0], out, cfg, norm)
-                records[qname] = rec
-                seconds[qname] = round(time.perf_counter() - t0, 3)
-                del ins, out
+    for qname, layer, ins, out in iter_layer_io(model, images, cfg.batch_size, device, "adalog calibration", progress):
+        t0 = time.perf_counter()
+        if isinstance(layer, QuantMatMul):
+            if layer.site == "matmul2" and isinstance(layer.a_quantizer, (AdaLogQuantizer, LogQuantizer)):
+                rec = calibrate_softmax_matmul(layer, ins[0], ins[1], out, cfg)
+            else:
+                rec = calibrate_matmul(layer, ins[0], ins[1], out, cfg)
+        elif isinstance(layer, QuantConv2d):
+            rec = calibrate_conv(layer, ins[0], out, cfg)
+        elif _adalog(layer.input_quantizer) is not None:
+            rec = calibrate_post_gelu(layer, ins[0], out, cfg)
+        else:
+            norm = _prev_norm(model, layer) if do_reparam and layer.site in LN_SITES else None
+            rec = calibrate_linear(layer, ins[0], out, cfg, norm)
+        records[qname] = rec
+        seconds[qname] = round(time.perf_counter() - t0, 3)
     return {"modules": records, "seconds": seconds, "reparam": do_reparam}

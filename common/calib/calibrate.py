@@ -40,16 +40,12 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
-
-from common.calib.capture import batched, capture_io, iter_unit_inputs
-from common.quant import QuantConv2d, QuantLinear, QuantMatMul, UniformQuantizer, quant_state
+from common.calib.capture import iter_layer_io
+from common.quant import QuantConv2d, QuantLinear, QuantMatMul, UniformQuantizer
 from common.quant.granularity import Granularity, PerAxis, PerTensor, PerToken
 from common.quant.primitives import fake_quant_affine
 from common.quant.quantizers import quantizers_of
-from common.quant.wrap import quant_layers
 from common.calib.reparam import reparameterize_layernorm
-from common.models.units import model_units
 
 from common.calib.grids import (GridCandidates, activation_grid, conv_percentiles, matmul_bounds, pair_qparams,
                                 pruned_argmin, sample_chunks, weight_grid)
@@ -488,40 +484,24 @@ def calibrate_model(model: nn.Module, images: torch.Tensor, cfg: CalibConfig, w_
         {"modules": {qname: record}, "seconds": {qname: search time}, "reparam": bool}.
     """
     do_reparam = reparam_active(cfg, w_bit, a_bit)
-    units = model_units(model)
     records: dict[str, Any] = {}
     seconds: dict[str, float] = {}
     cpu_seconds: dict[str, float] = {}
     model.eval()
-    with quant_state(model, weight=False, act=False):
-        walk = iter_unit_inputs(units, images, cfg.batch_size, device)
-        for _, unit, x in tqdm(walk, total=len(units), desc="aphq calibration", disable=not progress,
-                               mininterval=2.0):
-            layers = dict(quant_layers(unit.module))
-            if not layers:
-                continue
-            with capture_io(layers, arg=None, outputs=True) as io:
-                for xb in batched(x, cfg.batch_size):
-                    unit.module(xb)
-            for name, layer in layers.items():
-                t0, c0 = time.perf_counter(), time.process_time()
-                ins = tuple(torch.cat(t) for t in zip(*io[name]["inputs"]))
-                out = torch.cat(io[name]["outputs"])
-                io[name] = {"inputs": [], "outputs": []}  # free as we go
-                qname = getattr(layer, "qname", name)
-                if isinstance(layer, QuantMatMul):
-                    rec = calibrate_matmul(layer, ins[0], ins[1], out, cfg)
-                elif isinstance(layer, QuantConv2d):
-                    rec = calibrate_conv(layer, ins[0], out, cfg)
-                else:
-                    norm = _prev_norm(model, layer) if do_reparam and layer.site in LN_SITES else None
-                    rec = calibrate_linear(layer, ins[0], out, cfg, norm)
-                if cfg.token_wise and expand_token_wise(layer, ins):
-                    rec = {**rec, "token_wise": True}
-                records[qname] = rec
-                seconds[qname] = round(time.perf_counter() - t0, 3)
-                cpu_seconds[qname] = round(time.process_time() - c0, 3)
-                del ins, out
+    for qname, layer, ins, out in iter_layer_io(model, images, cfg.batch_size, device, "aphq calibration", progress):
+        t0, c0 = time.perf_counter(), time.process_time()
+        if isinstance(layer, QuantMatMul):
+            rec = calibrate_matmul(layer, ins[0], ins[1], out, cfg)
+        elif isinstance(layer, QuantConv2d):
+            rec = calibrate_conv(layer, ins[0], out, cfg)
+        else:
+            norm = _prev_norm(model, layer) if do_reparam and layer.site in LN_SITES else None
+            rec = calibrate_linear(layer, ins[0], out, cfg, norm)
+        if cfg.token_wise and expand_token_wise(layer, ins):
+            rec = {**rec, "token_wise": True}
+        records[qname] = rec
+        seconds[qname] = round(time.perf_counter() - t0, 3)
+        cpu_seconds[qname] = round(time.process_time() - c0, 3)
     return {"modules": records, "seconds": seconds, "cpu_seconds": cpu_seconds, "reparam": do_reparam}
 
 

@@ -17,9 +17,11 @@ from torch import nn
 
 from common.quant.granularity import Granularity, PerChannel, PerTensor
 from common.quant.primitives import fake_quant_affine, qparams_from_range
-from common.models.units import Unit
+from common.models.units import Unit, model_units
+from common.quant.quantizers import quant_state
+from common.quant.wrap import quant_layers
 
-__all__ = ["capture_io", "iter_unit_inputs", "batched", "reduce_minmax", "reduce_quantile", "clip_candidates",
+__all__ = ["capture_io", "iter_unit_inputs", "iter_layer_io", "batched", "reduce_minmax", "reduce_quantile", "clip_candidates",
            "search_weight_by_gram", "search_by_error", "gram_of"]
 
 
@@ -151,3 +153,30 @@ def search_by_error(candidates: Sequence[tuple[torch.Tensor, torch.Tensor]],
     if best is None:
         raise RuntimeError("no finite candidate in scale search")
     return best
+
+
+def iter_layer_io(model: nn.Module, images: torch.Tensor, batch_size: int, device: torch.device | str = "cpu",
+                  desc: str = "calibration", progress: bool = True
+                  ) -> Iterator[tuple[str, nn.Module, tuple[torch.Tensor, ...], torch.Tensor]]:
+    """The FP walk every layer-by-layer calibration uses: unit by unit, with all quantizers off, one unit
+    forward captures the inputs and output of each of its quant layers over all images; yields
+    (qname, layer, inputs, output) in forward order. The caller fits the layer before the next one comes
+    (still inside the quantizers-off state); a unit's captures are freed as they are handed out."""
+    from tqdm.auto import tqdm
+
+    units = model_units(model)
+    with quant_state(model, weight=False, act=False):
+        walk = iter_unit_inputs(units, images, batch_size, device)
+        for _, unit, x in tqdm(walk, total=len(units), desc=desc, disable=not progress, mininterval=2.0):
+            layers = dict(quant_layers(unit.module))
+            if not layers:
+                continue
+            with capture_io(layers, arg=None, outputs=True) as io:
+                for xb in batched(x, batch_size):
+                    unit.module(xb)
+            for name, layer in layers.items():
+                ins = tuple(torch.cat(t) for t in zip(*io[name]["inputs"]))
+                out = torch.cat(io[name]["outputs"])
+                io[name] = {"inputs": [], "outputs": []}  # free as we go
+                yield getattr(layer, "qname", name), layer, ins, out
+                del ins, out
