@@ -68,6 +68,21 @@ class APHQ(StagedMethod):
 
     prefix = "aphq"
     logger = log
+    #: APHQ has a detection path (`aphq.detection`, conf/method_task/aphq_detection.yaml); its baselines and
+    #: ablations (the subclasses below) are classification only
+    tasks = ("classification", "detection")
+
+    def __init_subclass__(cls, **kw):
+        super().__init_subclass__(**kw)
+        cls.tasks = ("classification",)
+
+    @classmethod
+    def check_task_config(cls, cfg) -> None:
+        """The detection runner's early check: build the detection stage settings (UserError on a bad value)."""
+        if cfg.get("task", {}).get("name") == "detection":
+            from .detection import stage_configs
+
+            stage_configs(cfg.method)
 
     # ------------------------------------------------------------------ config helpers
 
@@ -91,6 +106,10 @@ class APHQ(StagedMethod):
     # ------------------------------------------------------------------ main entry
 
     def quantize(self, model: nn.Module, data) -> nn.Module:
+        if self.ctx.cfg.get("task", {}).get("name") == "detection":
+            from .detection import quantize_detection
+
+            return quantize_detection(self, model, data)
         cfg, ctx = self.cfg, self.ctx
         device = ctx.device
         fp_model = copy.deepcopy(model).eval()  # the GELU teacher, before any change

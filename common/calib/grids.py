@@ -65,9 +65,12 @@ class GridCandidates:
 
 
 def zp_scale_grid(q_hi: torch.Tensor, q_max: torch.Tensor, q_lo: torch.Tensor, q_min: torch.Tensor, bits: int,
-                  eq_n: int = 128, min_scale: float | None = None) -> GridCandidates:
-    """The fixed zp × range grid from per-group quantiles q0.9, max, q0.1, min (each (G,))."""
-    num_zp = min(16, 2 ** bits)
+                  eq_n: int = 128, min_scale: float | None = None, num_zp: int | None = None) -> GridCandidates:
+    """The fixed zp × range grid from per-group quantiles q0.9, max, q0.1, min (each (G,)).
+
+    `num_zp` (default min(16, 2^b)) zero-points centred on 2^(b−1); APHQ's detection convs use 2^(b−1)
+    (z ∈ {4, …, 11} at 4 bits) with eq_n / num_zp scales."""
+    num_zp = min(16, 2 ** bits) if num_zp is None else int(num_zp)
     num_scale = eq_n // num_zp
     d_min = (q_hi - q_lo)[:, None]
     d_max = (q_max - q_min)[:, None]
@@ -81,23 +84,27 @@ def zp_scale_grid(q_hi: torch.Tensor, q_max: torch.Tensor, q_lo: torch.Tensor, q
     return GridCandidates(scales, zps)
 
 
-def weight_grid(w: torch.Tensor, bits: int, eq_n: int = 128) -> GridCandidates:
-    """Per-output-row grid of a weight (rows, ...) (spec §2.4 step 1)."""
+def weight_grid(w: torch.Tensor, bits: int, eq_n: int = 128, upper: Sequence[float] = (0.9, 1.0),
+                num_zp: int | None = None) -> GridCandidates:
+    """Per-output-row grid of a weight (rows, ...) (spec §2.4 step 1); `upper` = the quantile levels of
+    Δmin's upper bound and of the max (detection: 0.999, 1.0), `num_zp` as `zp_scale_grid`."""
     w2 = w.detach().reshape(w.shape[0], -1).float()
-    q = torch.quantile(w2, torch.tensor(reference_levels([0.9, 1.0]), device=w2.device), dim=1)
-    grid = zp_scale_grid(q[0], q[1], q[2], q[3], bits, eq_n)
+    q = torch.quantile(w2, torch.tensor(reference_levels(list(upper)), device=w2.device), dim=1)
+    grid = zp_scale_grid(q[0], q[1], q[2], q[3], bits, eq_n, num_zp=num_zp)
     grid.scales = grid.scales.clamp_min(1e-8)  # guards constant rows (the reference would divide by 0)
     return grid
 
 
 def activation_grid(x: torch.Tensor, bits: int, eq_n: int = 128, per_channel: bool = False,
-                    chunk_average: bool = True) -> GridCandidates:
+                    chunk_average: bool = True, upper: Sequence[float] = (0.9, 1.0),
+                    num_zp: int | None = None) -> GridCandidates:
     """Per-tensor grid from quantiles of the flattened input, or per-channel (last dim) for the
-    LayerNorm reparameterization (spec §2.4 step 2, §2.5 step 1); scales clamped to ≥ 1e-4."""
+    LayerNorm reparameterization (spec §2.4 step 2, §2.5 step 1); scales clamped to ≥ 1e-4.
+    `upper` and `num_zp` as `weight_grid` (detection: 0.999 / 1.0; convs 2^(b−1) zero-points)."""
     x = x.detach().float()
     rows = x.reshape(-1, x.shape[-1]).T if per_channel else x.reshape(1, -1)
-    q = quantiles(rows, reference_levels([0.9, 1.0]), chunk_average and not per_channel)
-    return zp_scale_grid(q[:, 0], q[:, 1], q[:, 2], q[:, 3], bits, eq_n, min_scale=1e-4)
+    q = quantiles(rows, reference_levels(list(upper)), chunk_average and not per_channel)
+    return zp_scale_grid(q[:, 0], q[:, 1], q[:, 2], q[:, 3], bits, eq_n, min_scale=1e-4, num_zp=num_zp)
 
 
 def matmul_bounds(x: torch.Tensor, eq_n: int = 128, chunk_average: bool = True

@@ -59,6 +59,9 @@ def run_detection(cfg: DictConfig) -> dict[str, Any]:
 
     with start(cfg, task="detection") as ex:  # dataset=auto (the task default): the model's default_dataset
         device, t0 = ex.device, time.perf_counter()
+        check = getattr(ex.method_cls, "check_task_config", None)
+        if check is not None:  # a method's detection settings, checked before any loading (one-line UserError)
+            check(cfg)
         data = build_detection_data(cfg.dataset, int(cfg.seed))  # before the model: a bad root fails fast
         model = build_detection_model(cfg.model)
         ex.timings["load"] = round(time.perf_counter() - t0, 3)

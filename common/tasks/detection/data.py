@@ -97,7 +97,9 @@ class DetectionData:
         for i in self.eval_ids:
             yield self.item(i)
 
+    @property
     def n_calib_available(self) -> int:
+        """How many calibration images the source holds (a property, as the classification data's)."""
         return len(self.calib_order)
 
     def calibration_ids(self, n: int | None = None) -> list[int]:
