@@ -112,6 +112,27 @@ def test_matmul2_attn_and_v_searches(bits):
     _check(v.transpose(-1, -2), attn.transpose(-1, -2), s_a, z_a, y.transpose(-1, -2), s, z, bits)  # v
 
 
+def test_int_errors_identical_on_any_thread_count():
+    """With 2 torch threads the (group, sample range) pieces run on a Python thread pool (each op
+    single-threaded); the pieces and the order of their sums do not depend on the thread count, so the
+    errors are bit-identical to one thread's, and equal the float64 evaluation of the codes' errors."""
+    _, _, v, attn = _attention(9, 3, 23, 8, 7)
+    y = attn @ v
+    s_v, z_v = _head_qparams(v, 4)
+    s, z = _head_candidates(attn, 4)
+    search = IntDirectSearch(attn, v, s_v, z_v, y, 4, 4)
+    one = search.errors(s, z, 0, 9)
+    torch.set_num_threads(2)
+    two = search.errors(s, z, 0, 9)
+    torch.set_num_threads(1)
+    assert torch.equal(one, two)
+    assert torch.get_num_threads() == 1  # the pool restored the caller's thread count
+    q = fake_quant_affine(attn.double(), s.double()[:, None, :, None, None], z.double()[:, None, :, None, None], 4)
+    vq = fake_quant_affine(v.double(), s_v.double(), z_v.double(), 4)
+    ref = ((q @ vq - y.double()) ** 2).sum((1, 3, 4))  # (C, G) in float64 (codes as the search forms them)
+    assert torch.allclose(one, ref, rtol=1e-6, atol=0)
+
+
 @pytest.mark.parametrize("bits", [3, 4])
 def test_matmul1_q_and_k_searches(bits):
     q, k, _, _ = _attention(5, 2, 19, 8, 10 + bits)

@@ -33,9 +33,12 @@ cheaper in float32 (a k² GEMM per row), so those keep the float32 path.
 """
 from __future__ import annotations
 
+import threading
 from typing import Callable
 
 import torch
+
+from common.calib.threads import map_pieces, sample_pieces
 
 __all__ = ["int_codes", "int_path_ok", "IntDirectSearch", "exact_argmin", "WINDOW"]
 
@@ -43,6 +46,8 @@ __all__ = ["int_codes", "int_path_ok", "IntDirectSearch", "exact_argmin", "WINDO
 WINDOW = 2e-5
 #: Elements of the float32 code buffer per candidate batch.
 CODE_BUDGET = 1 << 22
+#: Sample ranges per group evaluated independently (the units of work of the thread pool).
+PIECES = 4
 
 
 def int_codes(x: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor, bits: int) -> torch.Tensor:
@@ -105,79 +110,95 @@ class IntDirectSearch:
         self.scale_r = sr[:, 0, 0].double()  # (G|1, m): constant over samples
         self.target = target.transpose(0, 1).double().contiguous()  # (G, S, n, m)
         self.yy = self.target.square().sum((2, 3))  # (G, S)
-        self._bufs: dict[str, torch.Tensor] = {}
+        self._local = threading.local()  # per-thread reused buffers
 
     def _buf(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-        """A reused buffer (fresh large allocations cost more than the passes over them)."""
+        """A reused buffer of this thread (fresh large allocations cost more than the passes over them)."""
         n = 1
         for d in shape:
             n *= d
-        flat = self._bufs.get(name)
+        bufs = self._local.__dict__.setdefault("bufs", {})
+        flat = bufs.get(name)
         if flat is None or flat.numel() < n or flat.dtype != dtype:
             flat = torch.empty(n, dtype=dtype)
-            self._bufs[name] = flat
+            bufs[name] = flat
         return flat[:n].view(shape)
 
     def errors(self, scale: torch.Tensor, zp: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
-        G, _, n, k = self.left.shape
-        m = self.target.shape[-1]
-        mc = self.cr8.shape[-1]  # m, or m + 1 with the ones column
-        ns = hi - lo
-        step = max(1, min(scale.shape[0], CODE_BUDGET // max(ns * n * k, 1)))
-        out = torch.empty(scale.shape[0], G, dtype=torch.float64)
-        shared = self.cr8.shape[1] == 1
+        """Exact errors (C, G) of candidates (C, G) over samples [lo, hi).
+
+        The (group, sample range) pieces are independent and small (per-sample int8 GEMMs, float64
+        passes over one output); they run on `common.calib.threads.map_pieces` and their partial sums
+        are added in a fixed order (the same result for any thread count).
+        """
+        G = self.left.shape[0]
+        tasks = [(g, a, b) for g in range(G) for a, b in sample_pieces(lo, hi, PIECES)]
         zf = zp.double()
         signed = _fits_int8(float(-zf.max()), float(self.levels - zf.min()))
         off = 0 if signed or self.bits <= 7 else 128
         zps = zp.tolist()
-        self._bufs = {}
-        for g in range(G):
-            gr = g if self.cr8.shape[0] > 1 else 0
-            x = self.left[g, lo:hi, None]  # (s, 1, n, k)
-            fr = self.scale_r[gr]  # (m,)
-            yr = (self.target[g, lo:hi] * fr).reshape(ns, n * m)  # s_r,j Y_ij
-            w = fr * fr
-            yy = self.yy[g, lo:hi].sum()
-            zr = self.zr[gr, (0 if shared else slice(lo, hi))].reshape(-1, 1, 1, m)  # (s|1, 1, 1, m)
-            cs = self.colsum[gr, (0 if shared else slice(lo, hi))].reshape(-1, 1, 1, m)
-            for i in range(0, scale.shape[0], step):
-                sc = scale[i:i + step, g].reshape(1, -1, 1, 1)
-                c = sc.shape[1]
-                buf = torch.div(x, sc, out=self._buf("codes", (ns, c, n, k), torch.float32))  # the search's x / s
-                buf.round_()
-                if signed:  # D = clamp(round(x/s) + z, 0, L) − z = clamp(round(x/s), −z, L − z)
-                    for j in range(c):
-                        zj = zps[i + j][g]
-                        buf[:, j].clamp_(-zj, self.levels - zj)
-                    z_eff = None
-                else:
-                    z = zp[i:i + step, g].reshape(1, -1, 1, 1)
-                    buf.add_(z).clamp_(0, self.levels)
-                    if off:
-                        buf.sub_(off)
-                    z_eff = zf[i:i + step, g].reshape(1, -1, 1, 1) - off
-                u8 = self._buf("u8", (ns, c, n, k), torch.int8)
-                u8.copy_(buf)
-                p = self._buf("p", (ns, c * n, mc), torch.int32)
-                if shared:
-                    torch._int_mm(u8.view(ns * c * n, k), self.cr8[gr, 0], out=p.view(ns * c * n, mc))
-                else:
-                    for j in range(ns):
-                        torch._int_mm(u8[j].view(c * n, k), self.cr8[gr, lo + j], out=p[j])
-                o = self._buf("o", (ns, c, n, m), torch.float64)
-                o.copy_(p.view(ns, c, n, mc)[..., :m])
-                if self.need_rows:  # − z_r,j · rowsum_i(U')
-                    o.addcmul_(p.view(ns, c, n, mc)[..., m:].double(), zr, value=-1)
-                if z_eff is not None and bool((z_eff != 0).any()):  # − z'·colsum_j + z' z_r,j k
-                    o.add_(z_eff * (zr * k - cs))
-                ov = o.view(ns, c, n * m)
-                # Σ (s s_r,j P_ij − Y_ij)² = s² Σ s_r,j² P_ij² − 2 s Σ P_ij (s_r,j Y_ij) + ‖Y‖²
-                py = sum(torch.mv(ov[j], yr[j]) for j in range(ns))
-                ov.square_()
-                pp = (ov.view(-1, m) @ w).view(ns, c, n).sum(2).sum(0)
-                s64 = sc.double().reshape(-1)
-                out[i:i + c, g] = s64 * s64 * pp - 2 * s64 * py + yy
-        self._bufs = {}
+        parts = map_pieces(lambda t: self._errors_piece(scale, zp, zf, zps, signed, off, *t), tasks)
+        self._local = threading.local()
+        out = torch.zeros(scale.shape[0], G, dtype=torch.float64)
+        for (g, _, _), part in zip(tasks, parts):
+            out[:, g] += part
+        return out
+
+    def _errors_piece(self, scale: torch.Tensor, zp: torch.Tensor, zf: torch.Tensor, zps: list, signed: bool,
+                      off: int, g: int, lo: int, hi: int) -> torch.Tensor:
+        """Errors (C,) of group g's candidates over samples [lo, hi)."""
+        _, _, n, k = self.left.shape
+        m = self.target.shape[-1]
+        mc = self.cr8.shape[-1]  # m, or m + 1 with the ones column
+        ns = hi - lo
+        step = max(1, min(scale.shape[0], CODE_BUDGET // max(ns * n * k, 1)))
+        out = torch.empty(scale.shape[0], dtype=torch.float64)
+        shared = self.cr8.shape[1] == 1
+        gr = g if self.cr8.shape[0] > 1 else 0
+        x = self.left[g, lo:hi, None]  # (s, 1, n, k)
+        fr = self.scale_r[gr]  # (m,)
+        yr = (self.target[g, lo:hi] * fr).reshape(ns, n * m)  # s_r,j Y_ij
+        w = fr * fr
+        yy = self.yy[g, lo:hi].sum()
+        zr = self.zr[gr, (0 if shared else slice(lo, hi))].reshape(-1, 1, 1, m)  # (s|1, 1, 1, m)
+        cs = self.colsum[gr, (0 if shared else slice(lo, hi))].reshape(-1, 1, 1, m)
+        for i in range(0, scale.shape[0], step):
+            sc = scale[i:i + step, g].reshape(1, -1, 1, 1)
+            c = sc.shape[1]
+            buf = torch.div(x, sc, out=self._buf("codes", (ns, c, n, k), torch.float32))  # the search's x / s
+            buf.round_()
+            if signed:  # D = clamp(round(x/s) + z, 0, L) − z = clamp(round(x/s), −z, L − z)
+                for j in range(c):
+                    zj = zps[i + j][g]
+                    buf[:, j].clamp_(-zj, self.levels - zj)
+                z_eff = None
+            else:
+                z = zp[i:i + step, g].reshape(1, -1, 1, 1)
+                buf.add_(z).clamp_(0, self.levels)
+                if off:
+                    buf.sub_(off)
+                z_eff = zf[i:i + step, g].reshape(1, -1, 1, 1) - off
+            u8 = self._buf("u8", (ns, c, n, k), torch.int8)
+            u8.copy_(buf)
+            p = self._buf("p", (ns, c * n, mc), torch.int32)
+            if shared:
+                torch._int_mm(u8.view(ns * c * n, k), self.cr8[gr, 0], out=p.view(ns * c * n, mc))
+            else:
+                for j in range(ns):
+                    torch._int_mm(u8[j].view(c * n, k), self.cr8[gr, lo + j], out=p[j])
+            o = self._buf("o", (ns, c, n, m), torch.float64)
+            o.copy_(p.view(ns, c, n, mc)[..., :m])
+            if self.need_rows:  # − z_r,j · rowsum_i(U')
+                o.addcmul_(p.view(ns, c, n, mc)[..., m:].double(), zr, value=-1)
+            if z_eff is not None and bool((z_eff != 0).any()):  # − z'·colsum_j + z' z_r,j k
+                o.add_(z_eff * (zr * k - cs))
+            ov = o.view(ns, c, n * m)
+            # Σ (s s_r,j P_ij − Y_ij)² = s² Σ s_r,j² P_ij² − 2 s Σ P_ij (s_r,j Y_ij) + ‖Y‖²
+            py = sum(torch.mv(ov[j], yr[j]) for j in range(ns))
+            ov.square_()
+            pp = (ov.view(-1, m) @ w).view(ns, c, n).sum(2).sum(0)
+            s64 = sc.double().reshape(-1)
+            out[i:i + c] = s64 * s64 * pp - 2 * s64 * py + yy
         return out
 
 

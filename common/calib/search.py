@@ -21,6 +21,7 @@ from typing import Sequence
 
 import torch
 
+from common.calib.threads import map_pieces, sample_pieces
 from common.quant.primitives import fake_quant_affine
 
 __all__ = ["QUANTILE_MAX", "CAND_BUDGET", "chunk_count", "order_statistics", "reference_levels", "quantiles",
@@ -30,6 +31,9 @@ __all__ = ["QUANTILE_MAX", "CAND_BUDGET", "chunk_count", "order_statistics", "re
 QUANTILE_MAX = 2 ** 24
 #: Elements per candidate batch in the vectorised evaluations (bounds memory to a few hundred MB).
 CAND_BUDGET = 1 << 20
+#: Sample ranges per group of `LeftOperandSearch.errors` (the units of work of the thread pool; fixed,
+#: so the sums do not depend on the thread count).
+PIECES = 4
 
 
 # --------------------------------------------------------------------------- quantiles
@@ -224,22 +228,41 @@ class LeftOperandSearch:
         return torch.bmm(q.reshape(g * s, c * n, k), rb).view(g, s, c, n, m)
 
     def errors(self, scale: torch.Tensor, zp: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
-        left = self.left[:, lo:hi, None]  # (G, s, 1, n, k)
-        g = left.shape[0]
+        """float64 (C, G) error sums over samples [lo, hi) for candidates (C, G).
+
+        Computed in (group, sample range) pieces (`PIECES` ranges, fixed) on
+        `common.calib.threads.map_pieces`, their partial sums added in a fixed order.
+        """
+        groups = self.left.shape[0]
+        tasks = [(g, a, b) for g in range(groups) for a, b in sample_pieces(lo, hi, PIECES)]
+        parts = map_pieces(lambda t: self._piece(scale[:, t[0]:t[0] + 1], zp[:, t[0]:t[0] + 1], *t), tasks)
+        out = torch.zeros(scale.shape[0], groups, dtype=torch.float64, device=scale.device)
+        for (g, _, _), part in zip(tasks, parts):
+            out[:, g] += part[:, 0]
+        return out
+
+    def _piece(self, scale: torch.Tensor, zp: torch.Tensor, g: int, lo: int, hi: int) -> torch.Tensor:
+        """Errors (C, 1) of group g over samples [lo, hi)."""
+        gs = slice(g, g + 1)
+
+        def grp(t: torch.Tensor) -> torch.Tensor:
+            return t[gs] if t.shape[0] > 1 else t
+
+        left = self.left[gs, lo:hi, None]  # (1, s, 1, n, k)
         per = left[0].numel() * (2 if self.gram else 1 + self.right.shape[-1] // left.shape[-1])
-        step = _cand_batch(g * per)
+        step = _cand_batch(per)
         out = []
         for i in range(0, scale.shape[0], step):
-            s = scale[i:i + step].T[:, None, :, None, None]  # (G, 1, c, 1, 1)
+            s = scale[i:i + step].T[:, None, :, None, None]  # (1, 1, c, 1, 1)
             z = zp[i:i + step].T[:, None, :, None, None]
             if self.gram:
-                d = quant_delta(left, s, z, self.bits)  # (G, s, c, n, k)
-                v = self._times(d, self._rows(self.m, lo, hi)).add_(self.g2[:, lo:hi, None])
-                e = torch.linalg.vecdot(d, v).sum((1, 3), dtype=torch.float64)  # (G, c)
-                e += self.base[:, lo:hi].sum(1, keepdim=True)
+                d = quant_delta(left, s, z, self.bits)  # (1, s, c, n, k)
+                v = self._times(d, self._rows(grp(self.m), lo, hi)).add_(self.g2[gs, lo:hi, None])
+                e = torch.linalg.vecdot(d, v).sum((1, 3), dtype=torch.float64)  # (1, c)
+                e += self.base[gs, lo:hi].sum(1, keepdim=True)
             else:
                 q = quant_delta(left, s, z, self.bits, delta=False)
-                o = self._times(q, self._rows(self.right, lo, hi)).sub_(self.target[:, lo:hi, None])
+                o = self._times(q, self._rows(grp(self.right), lo, hi)).sub_(self.target[gs, lo:hi, None])
                 e = (torch.linalg.vecdot(o, o) if self.metric == "mse" else o.abs().sum(-1)).sum(
                     (1, 3), dtype=torch.float64)
             out.append(e.T)
