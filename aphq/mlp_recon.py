@@ -152,44 +152,53 @@ def _loss(y_hat: torch.Tensor, y_clip: torch.Tensor, y: torch.Tensor, weight: to
     return e.sum(1).mean() / loss_div
 
 
-class _ClipCorrection(torch.autograd.Function):
-    """(h − clamp(h, max=ub)) · W2ᵀ computed on the few entries above `ub` only (sparse CSR products).
+class _Fc2WithClip(torch.autograd.Function):
+    """(fc2(h), fc2(clamp(h, max=ub))) with the clamped branch as fc2(h) − e·W2ᵀ on the few entries above `ub`.
 
-    clamp(h, 0, ub) = h − e with e = relu(h − ub), which is nonzero for about (1 − pct) of the
-    positive hidden units, so fc2(clamp(h)) = fc2(h) − e·W2ᵀ: the clamped branch costs sparse
-    products instead of three dense GEMMs (forward, input gradient, weight gradient):
-        forward   e·W2ᵀ                  backward   ∂h = (g·W2) sampled on e's pattern,   ∂W2 = (eᵀ·g)ᵀ
-    Same maths; only the floating-point summation order differs from fc2(clamp(h)).
+    clamp(h, 0, ub) = h − e with e = relu(h − ub), nonzero for about (1 − pct) of the positive hidden
+    units, so the clamped branch costs sparse CSR products instead of three dense GEMMs:
+        forward   ŷ = h·W2ᵀ + b2,   ŷ_clip = ŷ − e·W2ᵀ
+        backward  g = g₁ + g₂;   ∂h = g·W2 − (g₂·W2) sampled on e's pattern (added in place: no dense
+                  zeros, no second dense gradient to add);   ∂W2 = gᵀ·h − (eᵀ·g₂)ᵀ;   ∂b2 = Σ_rows g
+    The dense products are the ones autograd forms for `F.linear` (same calls, same layouts) and every
+    sum is taken in the same order as the autograd graph of ŷ and ŷ − e·W2ᵀ, so the values are bit for
+    bit those of that graph; only the floating-point summation order differs from fc2(clamp(h)).
     """
 
     @staticmethod
-    def forward(ctx, h2d: torch.Tensor, w2: torch.Tensor, ub: float) -> torch.Tensor:
+    def forward(ctx, h: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor | None, ub: float):
+        y_hat = F.linear(h, w2, b2)
+        h2d = h.reshape(-1, h.shape[-1])
         m, k = h2d.shape
         flat = torch.nonzero(h2d.reshape(-1) > ub).squeeze(1)
         rows, cols = flat // k, flat % k
         vals = h2d.reshape(-1)[flat] - ub
         e = _csr(_crow(rows, m), cols, vals, (m, k))
-        ctx.save_for_backward(flat, rows, cols, vals, w2)
-        ctx.h_shape = (m, k)
-        return torch.sparse.mm(e, w2.t().contiguous())
+        corr = torch.sparse.mm(e, w2.t().contiguous())
+        ctx.save_for_backward(h2d, w2, flat, rows, cols, vals)
+        ctx.has_bias, ctx.y_shape = b2 is not None, y_hat.shape
+        return y_hat, y_hat - corr.reshape(y_hat.shape)
 
     @staticmethod
-    def backward(ctx, g: torch.Tensor):
-        flat, rows, cols, vals, w2 = ctx.saved_tensors
-        m, k = ctx.h_shape
-        g = g.contiguous()
-        grad_h = grad_w2 = None
+    def backward(ctx, g1: torch.Tensor, g2: torch.Tensor):
+        h2d, w2, flat, rows, cols, vals = ctx.saved_tensors
+        m, k = h2d.shape
+        g = (g1 + g2).reshape(m, -1)  # ŷ's gradient: its own plus the clamped branch's
+        g2n = (-g2).reshape(m, -1).contiguous()  # the correction's gradient (ŷ_clip = ŷ − corr)
+        grad_h = grad_w2 = grad_b2 = None
         if ctx.needs_input_grad[0]:
+            grad_h = g.mm(w2)
             pattern = _csr(_crow(rows, m), cols, torch.zeros_like(vals), (m, k))
-            sampled = torch.sparse.sampled_addmm(pattern, g, w2, beta=0.0)
-            grad_h = torch.zeros(m * k, dtype=g.dtype, device=g.device)
-            grad_h[flat] = sampled.values()
-            grad_h = grad_h.view(m, k)
+            sampled = torch.sparse.sampled_addmm(pattern, g2n, w2, beta=0.0)
+            grad_h.view(-1).index_add_(0, flat, sampled.values())
+            grad_h = grad_h.view(ctx.y_shape[:-1] + (k,))
         if ctx.needs_input_grad[1]:
             order = torch.argsort(cols, stable=True)
             et = _csr(_crow(cols[order], k), rows[order], vals[order], (k, m))
-            grad_w2 = torch.sparse.mm(et, g).t()
-        return grad_h, grad_w2, None
+            grad_w2 = g.t().mm(h2d) + torch.sparse.mm(et, g2n).t()
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_b2 = g.sum(0)
+        return grad_h, grad_w2, grad_b2, None
 
 
 def _csr(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -214,9 +223,7 @@ def _mlp_forward(mlp: nn.Module, x: torch.Tensor, ub: float, sparse_clip: bool =
     if not sparse_clip or not math.isfinite(ub):
         both = F.linear(torch.cat([h, h.clamp(max=ub)]), mlp.fc2.weight, mlp.fc2.bias)
         return both[: x.shape[0]], both[x.shape[0]:]
-    y_hat = F.linear(h, mlp.fc2.weight, mlp.fc2.bias)
-    corr = _ClipCorrection.apply(h.reshape(-1, h.shape[-1]), mlp.fc2.weight, float(ub))
-    return y_hat, y_hat - corr.reshape(y_hat.shape)
+    return _Fc2WithClip.apply(h, mlp.fc2.weight, mlp.fc2.bias, float(ub))
 
 
 @torch.no_grad()

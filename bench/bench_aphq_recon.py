@@ -2,6 +2,7 @@
 
     python bench/bench_aphq_recon.py                        # deit_t and deit_s, random weights, batch 32
     python bench/bench_aphq_recon.py --models deit_t --threads 1 --block-iters 8 --mr-iters 8
+    python bench/bench_aphq_recon.py --models deit_t --threads 2 --skip-aph   # the two steps only
 
 For each model (random weights, random images; run time does not depend on either) it prints:
 
@@ -10,10 +11,16 @@ For each model (random weights, random images; run time does not depend on eithe
   unit, against a reference-style emulation (per unit: +ε and −ε full-model forward + backward at
   batch 32 with parameter gradients, gradient captured at the unit, as `init_block_perturb_hessian`);
 * MR step (batch 32, one block): ours (fc1 once, sparse clamp branch) vs a reference-style step
-  (fc1 twice, two dense fc2 branches);
+  (fc1 twice, two dense fc2 branches, `|H̄|` per term as the reference's loss);
 * block-reconstruction step (batch 32, blocks.0, QDrop + APH loss, 20 % warm-up then rounding loss):
-  ours (`reconstruct_model`) vs a reference-style step (AdaRound recomputing ⌊W/s⌋, every parameter
-  requiring grad, autograd STE fake-quant, `rand_like` QDrop masks and `where` mixing);
+  ours (`reconstruct_model`, eager unless `--compile`) vs a reference-style step written after
+  GoatWu/APHQ-ViT's `utils/block_recon.py`, `quantizers/uniform.py` and `quantizers/adaround.py`:
+  AdaRound recomputing ⌊W/s⌋, every parameter requiring grad (weights, biases, LayerNorms, and, as
+  there, the activation zero-points and the AdaRound scales and zero-points, which are nn.Parameters
+  in the reference), the reference's autograd STE fake-quant (round(z) of a zero-point parameter),
+  `rand_like` QDrop masks and `where` mixing, `|APH|` taken per step as its loss does. (Before issue
+  #15 the emulation kept zero-points and AdaRound's s, z as buffers and skipped `.abs()`: it did less
+  work than the reference, ~10 % of its step.)
 * peak resident memory of the process.
 
 Times are wall seconds and CPU seconds (process user + system): on a shared machine the CPU figure
@@ -43,7 +50,7 @@ from common.recon.block import reconstruct_model  # noqa: E402
 from common.calib.capture import capture_io, reduce_minmax  # noqa: E402
 from common.quant import UniformQuantizer  # noqa: E402
 from common.quant.modules import QuantMatMul  # noqa: E402
-from common.quant.primitives import qparams_from_range  # noqa: E402
+from common.quant.primitives import qparams_from_range, round_ste  # noqa: E402
 from common.quant.quantizers import quant_state, quantizers_of  # noqa: E402
 from common.quant.scheme import QuantScheme  # noqa: E402
 from common.quant.wrap import quant_layers, wrap_model  # noqa: E402
@@ -123,7 +130,8 @@ def reference_aph_seconds(fp: torch.nn.Module, images: torch.Tensor, unit_index:
 
 
 class _RecomputeFloorAdaRound(AdaRoundQuantizer):
-    """AdaRound as in BRECQ/APHQ: ⌊W/s⌋ recomputed from the weight every forward."""
+    """AdaRound as in BRECQ/APHQ: ⌊W/s⌋ recomputed from the weight every forward; s and z are
+    `nn.Parameter`s there (`quantizers/adaround.py`), so autograd also forms their (unused) gradients."""
 
     def fake_quant(self, w):
         r = self.h() if self.soft else self.hard_rounding()
@@ -131,15 +139,37 @@ class _RecomputeFloorAdaRound(AdaRoundQuantizer):
         return (q - self.zero_point) * self.scale
 
 
+class _ReferenceActQuantizer(UniformQuantizer):
+    """The reference's activation fake-quant in training (`quantizers/uniform.py`): STE rounding, round(z)
+    taken from a zero-point Parameter (no detach, so autograd reduces a zero gradient for it), QDrop by
+    `rand_like` + `where`."""
+
+    def fake_quant(self, x):
+        x_int = round_ste(x / self.scale)
+        zp = torch.round(self.zero_point)
+        x_dequant = ((x_int + zp).clamp(0, 2 ** self.bits - 1) - zp) * self.scale
+        if self.training and self.drop_prob < 1.0:
+            return torch.where(torch.rand_like(x) < self.drop_prob, x_dequant, x)
+        return x_dequant
+
+
 def reference_block_step(q: torch.nn.Module, fp_in, fp_out, q_in, aph, unit_index: int, iters: int) -> Clock:
     """The reference's `reconstruct_single_block` loop body on one unit (see module docstring)."""
     unit = model_units(q)[unit_index]
     adas = attach_adaround(unit.module)
+    acts = [a for _, a in quantizers_of(unit.module, "act") if isinstance(a, UniformQuantizer) and a.active]
     for a in adas:
         a.__class__ = _RecomputeFloorAdaRound
+    # The reference's zero-points (activation and AdaRound) and AdaRound scales are nn.Parameters with
+    # requires_grad=True, like every weight, bias and LayerNorm parameter: their gradients are computed.
+    for a in acts:
+        a.__class__ = _ReferenceActQuantizer
+    for m in adas + acts:
+        names = ("scale", "zero_point") if isinstance(m, AdaRoundQuantizer) else ("zero_point",)
+        for name in names:
+            setattr(m, name, torch.nn.Parameter(getattr(m, name).detach().clone()))
     for p in q.parameters():
         p.requires_grad_(True)
-    acts = [a for _, a in quantizers_of(unit.module, "act") if isinstance(a, UniformQuantizer) and a.active]
     for a in acts:
         a.ste, a.drop_prob = True, 0.5
         a.train()
@@ -152,7 +182,7 @@ def reference_block_step(q: torch.nn.Module, fp_in, fp_out, q_in, aph, unit_inde
             idx = torch.randperm(n)[:32]
             x_q, x_fp = q_in[idx], fp_in[idx]
             x = torch.where(torch.rand_like(x_q) < 0.5, x_q, x_fp)
-            rec = ((unit.module(x) - fp_out[idx]).pow(2) * aph).mean()
+            rec = ((unit.module(x) - fp_out[idx]).pow(2) * aph.abs()).mean()
             rec0 = rec.item() if rec0 is None else rec0
             rec = 2 * rec / rec0
             if t < 0.2 * iters:
@@ -180,7 +210,8 @@ def reference_mr_step(mlp, x, y, weight, ub: float, iters: int) -> Clock:
             xb, yb = x[idx], y[idx]
             out = mlp.fc2(F.relu(mlp.fc1(xb)))
             out_clip = mlp.fc2(torch.clamp(F.relu(mlp.fc1(xb)), max=ub))
-            loss = ((out - yb).pow(2) * weight).sum(1).mean() / 10 + 2 * ((out_clip - yb).pow(2) * weight).sum(1).mean() / 10
+            loss = ((out - yb).pow(2) * weight.abs()).sum(1).mean() / 10 \
+                + 2 * ((out_clip - yb).pow(2) * weight.abs()).sum(1).mean() / 10
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -230,20 +261,25 @@ def bench_model(name: str, args) -> dict:
     out: dict[str, object] = {"model": name, "threads": torch.get_num_threads(), "images": args.images}
 
     # FP capture: one walk through all units (the reference: one full sweep per unit).
+    shapes = {}
     with Clock() as c, torch.no_grad():
         x = images
         for u in units:
             x = torch.cat([u.module(u.pre(b)) for b in x.split(64)])
+            shapes[u.name] = (1,) + tuple(x.shape[1:])
     out["fp_capture (all units)"] = (c.wall, c.cpu)
 
-    # APH of every unit (head excluded) over `aph_images` images.
-    aph_imgs = images[: args.aph_images]
-    with Clock() as c:
-        aph = average_perturbation_hessian(fp, aph_imgs, names, progress=False)
-    per = len(aph) * len(aph_imgs)
-    out["aph all units"] = (c.wall, c.cpu)
-    out["aph per image and unit"] = (c.wall / per, c.cpu / per)
-    if args.reference:
+    if args.skip_aph:  # step times do not depend on the weights' values
+        gen = torch.Generator().manual_seed(0)
+        aph = {n: torch.rand(shapes[n], generator=gen) for n in names[:-1]}
+    else:  # APH of every unit (head excluded) over `aph_images` images.
+        aph_imgs = images[: args.aph_images]
+        with Clock() as c:
+            aph = average_perturbation_hessian(fp, aph_imgs, names, progress=False)
+        per = len(aph) * len(aph_imgs)
+        out["aph all units"] = (c.wall, c.cpu)
+        out["aph per image and unit"] = (c.wall / per, c.cpu / per)
+    if args.reference and not args.skip_aph:
         r = [reference_aph_seconds(fp, images[:32], i) for i in (1, len(units) // 2)]
         out["ref-style aph per image/unit"] = (sum(x.wall for x in r) / 64, sum(x.cpu for x in r) / 64)
 
@@ -272,7 +308,7 @@ def bench_model(name: str, args) -> dict:
     for iters in (args.block_iters, 2 * args.block_iters):
         with Clock() as c:
             res = reconstruct_model(copy.deepcopy(q), fp, images, {"iters": iters, "log_every": 0,
-                                                                    "eval_stats": False},
+                                                                    "eval_stats": False, "compile": args.compile},
                                     weights=aph, start_unit=1, stop_unit=2, progress=False)
         clocks.append(c)
     out["block unit, short run (stage)"] = (clocks[0].wall, clocks[0].cpu)
@@ -307,6 +343,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--no-reference", dest="reference", action="store_false",
                     help="skip the reference-style emulations")
+    ap.add_argument("--skip-aph", action="store_true",
+                    help="random loss weights instead of the APH (no APH timings; the steps are unaffected)")
+    ap.add_argument("--compile", default="false", help="method.recon.compile for our block step (default: eager)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -320,6 +359,8 @@ def main() -> None:
         if args.reference:
             for ours, ref in (("block step", "ref-style block step"), ("mr step", "ref-style mr step"),
                               ("aph per image and unit", "ref-style aph per image/unit")):
+                if ours not in res or ref not in res:
+                    continue
                 o, r = res[ours], res[ref]
                 print(f"  speed-up {ours:23s} {r[0] / o[0]:5.2f}x wall  {r[1] / o[1]:5.2f}x CPU")
         sys.stdout.flush()

@@ -16,7 +16,8 @@ from torch import nn
 from .granularity import Granularity, PerTensor
 from .primitives import check_bits, fake_quant_affine, fake_quant_log2, fake_quant_log_sqrt2, fake_quant_symmetric
 
-__all__ = ["Quantizer", "UniformQuantizer", "LogQuantizer", "quantizers_of", "set_quant_state", "quant_state"]
+__all__ = ["Quantizer", "UniformQuantizer", "LogQuantizer", "quantizers_of", "set_quant_state", "quant_state",
+           "calibration_pinned"]
 
 
 class Quantizer(nn.Module):
@@ -39,9 +40,15 @@ class Quantizer(nn.Module):
         self.drop_prob = 1.0
         self.register_buffer("calibrated", torch.tensor(False))
 
+    #: a Python copy of `calibrated` while :func:`calibration_pinned` holds it (None: read the buffer).
+    calibration_pin: bool | None = None
+
     @property
     def active(self) -> bool:
-        return self.enabled and self.bits < 32 and bool(self.calibrated)
+        if not (self.enabled and self.bits < 32):
+            return False
+        pin = self.calibration_pin
+        return bool(self.calibrated) if pin is None else pin
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fake_quant(x) if self.active else x
@@ -157,6 +164,22 @@ def set_quant_state(model: nn.Module, weight: bool | None = None, act: bool | No
         flag = weight if q.role == "weight" else act
         if flag is not None:
             q.enabled = flag
+
+
+@contextlib.contextmanager
+def calibration_pinned(model: nn.Module) -> Iterator[nn.Module]:
+    """Read each quantizer's `calibrated` buffer once and let `active` use that Python flag until exit.
+
+    `bool(buffer)` per forward is a device sync on GPU and a graph break under torch.compile; block
+    reconstruction pins the flags of the unit it trains (nothing calibrates it meanwhile)."""
+    pinned = [q for _, q in quantizers_of(model)]
+    for q in pinned:
+        q.calibration_pin = bool(q.calibrated)
+    try:
+        yield model
+    finally:
+        for q in pinned:
+            q.__dict__.pop("calibration_pin", None)
 
 
 @contextlib.contextmanager

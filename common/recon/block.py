@@ -31,7 +31,7 @@ pre(unit_ℓ^quant(x_q,ℓ)) right after unit ℓ is finalised (one unit forward
 quantized-model sweep), ⌊W/s⌋ is cached by AdaRound, parameters that are not learned get
 `requires_grad=False` (no wasted weight/bias/LayerNorm gradients), the round loss is skipped during
 warm-up, activation quantizers train through a hand-fused STE/QDrop autograd function, and
-`cfg.compile` optionally `torch.compile`s those kernels or the whole unit (off by default).
+`cfg.compile` optionally `torch.compile`s those kernels or the whole unit (as one graph, no breaks).
 
 Randomness: every unit draws its batches from a CPU generator and its QDrop masks from the global
 RNG, both seeded from (run generator, unit index), so a run resumed at unit k (`start_unit=k`)
@@ -52,7 +52,7 @@ from tqdm.auto import tqdm
 
 from common.recon.adaround import attach_adaround, beta_schedule, finalize_adaround
 from common.settings import dataclass_from
-from common.quant.quantizers import Quantizer, UniformQuantizer, quantizers_of
+from common.quant.quantizers import Quantizer, UniformQuantizer, calibration_pinned, quantizers_of
 from common.models.units import Unit, model_units
 
 __all__ = ["BlockReconConfig", "block_recon_config", "reconstruct_model", "unit_rec_loss", "keep_mask",
@@ -94,7 +94,10 @@ class BlockReconConfig:
             loop per quantizer forward/backward, shared by all units; 10–60 s of compilation on CPU,
             worth it for full-length runs: DeiT-T block step 0.28 → 0.225 s on 2 threads; same
             expressions, float-rounding-level differences; a compiler failure falls back to eager with
-            a warning); "unit": torch.compile each unit's training forward (GPU; recompiles per unit).
+            a warning); "unit": torch.compile each unit's training forward as one graph (no graph
+            breaks: quantizer `calibrated` flags are pinned to Python bools while the unit trains, the
+            QDrop bits are drawn out of place, the fused fake-quant traces its out-of-place form; for
+            GPUs, where it fuses whole units; recompiles per unit).
         eval_batch_size: batch of the capture / incremental-input / statistics passes.
         seed: seed of the run generator when the caller passes none.
         eval_stats: compute the unit objective over all samples before and after training.
@@ -233,13 +236,25 @@ def keep_mask(like: torch.Tensor, prob: float) -> torch.Tensor:
     """
     if prob == 0.5:
         n = like.numel()
-        sh = _BIT_SHIFTS.get(like.device)
+        sh = None if torch.compiler.is_compiling() else _BIT_SHIFTS.get(like.device)
         if sh is None:
-            sh = _BIT_SHIFTS[like.device] = torch.arange(8, dtype=torch.uint8, device=like.device)
-        b = torch.empty((n + 7) // 8, dtype=torch.uint8, device=like.device).random_()
+            sh = torch.arange(8, dtype=torch.uint8, device=like.device)
+            if not torch.compiler.is_compiling():
+                _BIT_SHIFTS[like.device] = sh
+        # randint(0, 256) draws the same bytes as uint8 `random_()` (one 32-bit draw each), out of place.
+        b = torch.randint(0, 256, ((n + 7) // 8,), dtype=torch.uint8, device=like.device)
         bits = torch.bitwise_and(torch.bitwise_right_shift(b[:, None], sh), 1).reshape(-1)[:n]
-        return bits.reshape(like.shape).to(like.dtype)
-    return (torch.rand_like(like) < prob).to(like.dtype)
+        return _like_layout(bits.reshape(like.shape), like)
+    return (torch.rand_like(like) < prob).to(like.dtype)  # rand_like fills `like`'s layout already
+
+
+def _like_layout(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """`mask` (logical order) as `like`'s dtype, laid out in memory like `like` (q, k, v are permuted
+    views: elementwise kernels mixing their strides with a row-major mask run ~10x slower). The
+    conversion pass does the transposition; values, and so the random stream, are unchanged."""
+    if like.is_contiguous() or torch.compiler.is_compiling():
+        return mask.to(like.dtype)
+    return torch.empty_like(like).copy_(mask)
 
 
 def _fq_forward_math(x, scale, zp, keep, qmax: float, need_x: bool, need_s: bool):
@@ -298,17 +313,25 @@ class _FakeQuantSTE(torch.autograd.Function):
     Backward (the STE derivative of that expression, `inside` = 1[0 ≤ c ≤ qmax]):
         ∂L/∂x = g·(keep·inside + 1 − keep)
         ∂L/∂s = Σ_broadcast g·keep·((clamp(c) − z) − inside·x/s)
-    Both factors are formed in the forward pass, reusing its buffers, so the backward is one
-    multiply per input plus one reduction; the difference (clamp(c) − z) − x/s is formed per
-    element before summing (no cancellation between two large sums, unlike the autograd graph).
-    With `compiled`, forward and backward are torch.compile'd kernels of the same expressions.
+    Both factors are formed in the forward pass, reusing its buffers (three fresh buffers per call:
+    x/s, round, clamp; z folded into the clamp bounds), so the backward is one multiply per input,
+    in place, plus one reduction; the difference (clamp(c) − z) − x/s is formed per element before
+    summing (no cancellation between two large sums, unlike the autograd graph). With `compiled`,
+    forward and backward are torch.compile'd kernels of the same expressions; traced inside a
+    compiled unit (`compile="unit"`), the out-of-place expressions are traced.
     """
 
     @staticmethod
     def forward(ctx, x, scale, zp, qmax: float, keep, compiled: bool = False):
         need_x, need_s = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        compiled = compiled and not _COMPILE_BROKEN
         ctx.scale_shape, ctx.compiled = scale.shape, False
+        if torch.compiler.is_compiling():  # traced into a compiled unit: the out-of-place expressions
+            y, pass_x, t = _fq_forward_math(x, scale, zp, keep, qmax, need_x, need_s)
+            ctx.traced, ctx.dims = True, _broadcast_dims(x.shape, scale.shape)
+            ctx.save_for_backward(pass_x, t)
+            return y
+        ctx.traced = False
+        compiled = compiled and not _COMPILE_BROKEN
         if compiled:
             try:
                 y, pass_x, t = _compiled_kernels()[0](x, scale, zp, keep, qmax, need_x, need_s)
@@ -318,27 +341,16 @@ class _FakeQuantSTE(torch.autograd.Function):
                 ctx.compiled, ctx.dims = True, _broadcast_dims(x.shape, scale.shape)
                 ctx.save_for_backward(pass_x, t)
                 return y
-        v = x / scale
-        c = torch.round(v).add_(zp)
-        u = c.clamp(0, qmax)
-        inside = torch.eq(c, u, out=c) if (need_x or need_s) else None  # c is not needed any more
-        u.sub_(zp)  # clamp(c) − z
-        y = u * scale
-        if keep is not None:
-            y = torch.lerp(x, y, keep, out=y)  # exact selection for 0/1 weights
-        t = pass_x = None
-        if need_s:
-            t = torch.addcmul(u, inside, v, value=-1, out=v)  # (clamp(c) − z) − inside·x/s, in v's buffer
-            if keep is not None:
-                t.mul_(keep)
-        if need_x:
-            pass_x = inside if keep is None else inside.sub_(1).mul_(keep).add_(1)
+        y, pass_x, t = _fq_pass(x, scale, zp, qmax, keep, need_x, need_s)
         ctx.save_for_backward(pass_x, t)
         return y
 
     @staticmethod
     def backward(ctx, g):
         pass_x, t = ctx.saved_tensors
+        if ctx.traced:
+            grad_x, grad_s = _fq_backward_math(g, pass_x, t, ctx.dims)
+            return grad_x, (grad_s.reshape(ctx.scale_shape) if grad_s is not None else None), None, None, None, None
         if ctx.compiled and not _COMPILE_BROKEN:
             try:
                 grad_x, grad_s = _compiled_kernels()[1](g, pass_x, t, ctx.dims)
@@ -347,11 +359,32 @@ class _FakeQuantSTE(torch.autograd.Function):
                 return grad_x, grad_s, None, None, None, None
             except Exception as err:  # noqa: BLE001 - the saved factors mean the same in both paths
                 _compile_failed(err)
-        grad_x = g * pass_x if pass_x is not None else None
-        grad_s = None
-        if t is not None:
-            grad_s = t.mul_(g).sum_to_size(ctx.scale_shape)  # t is not needed after this backward
+        grad_s = t.mul_(g).sum_to_size(ctx.scale_shape) if t is not None else None  # t is not needed afterwards
+        grad_x = None
+        if pass_x is not None:  # in pass_x's buffer when that gives g·pass_x's own layout (it is not needed after)
+            grad_x = pass_x.mul_(g) if g.stride() == pass_x.stride() else g * pass_x
         return grad_x, grad_s, None, None, None, None
+
+
+def _fq_pass(x: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor, qmax: float, keep: torch.Tensor | None,
+             need_x: bool, need_s: bool) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """The eager elementwise sequence of `_FakeQuantSTE.forward`, in reused buffers: (y, pass_x, t)."""
+    v = x / scale
+    r = torch.round(v)
+    u = torch.clamp(r, -zp, qmax - zp)  # = clamp(r + z, 0, qmax) − z exactly (integers; huge r saturates either way)
+    inside = torch.eq(r, u, out=r) if (need_x or need_s) else None  # r is not needed any more
+    t = pass_x = None
+    if need_s:  # (clamp(c) − z) − inside·x/s, in v's buffer
+        t = torch.addcmul(u, inside, v, value=-1, out=v)
+    y = u.mul_(scale)  # u is not needed any more: three fresh buffers per call, not four
+    if keep is not None:
+        torch.lerp(x, y, keep, out=y)  # exact selection for 0/1 weights
+        if t is not None:
+            t.mul_(keep)
+    if need_x:  # keep ? inside : 1, exact for 0/1 weights
+        pass_x = inside if keep is None else torch.lerp(inside.new_ones(()).expand_as(inside), inside, keep,
+                                                         out=inside)
+    return y, pass_x, t
 
 
 class _TrainingQuantizer(UniformQuantizer):
@@ -639,7 +672,7 @@ def _reconstruct_unit(unit: Unit, fp_in: torch.Tensor, fp_out: torch.Tensor, q_i
     t0 = time.perf_counter()
     fork_devices = [device.index or 0] if device.type == "cuda" else []
     try:
-        with torch.random.fork_rng(devices=fork_devices):
+        with torch.random.fork_rng(devices=fork_devices), calibration_pinned(module):
             torch.manual_seed(seed)
             bar = tqdm(range(1, cfg.iters + 1), desc=f"recon {unit.name}", disable=not progress, mininterval=2.0)
             for t in bar:
