@@ -133,6 +133,28 @@ def test_int_errors_identical_on_any_thread_count():
     assert torch.allclose(one, ref, rtol=1e-6, atol=0)
 
 
+def test_float32_search_in_pieces_equals_the_batched_call(monkeypatch):
+    """The float32 search on the thread pool (group x sample-range pieces) against its one batched call
+    (`THREADED_GRAM=False`, the pre-pool code path) on q·kᵀ (Gram form), 2 threads: float64 sums of the
+    same float32 terms in another order, and the same first argmin."""
+    import common.calib.search as search_mod
+
+    q, k, _, _ = _attention(9, 3, 19, 8, 21)
+    kt = k.transpose(-1, -2)
+    s_k, z_k = _head_qparams(kt, 4)
+    right = fake_quant_affine(kt, s_k, z_k, 4)
+    s, z = _head_candidates(q, 4)
+    search = LeftOperandSearch(q, right, q @ kt, 4)
+    assert search.gram
+    torch.set_num_threads(2)
+    pieces = search.errors(s, z, 0, 9)
+    monkeypatch.setattr(search_mod, "THREADED_GRAM", False)
+    batched = search.errors(s, z, 0, 9)
+    torch.set_num_threads(1)
+    assert torch.allclose(pieces, batched, rtol=1e-12, atol=0)
+    assert torch.equal(first_argmin(pieces), first_argmin(batched))
+
+
 @pytest.mark.parametrize("bits", [3, 4])
 def test_matmul1_q_and_k_searches(bits):
     q, k, _, _ = _attention(5, 2, 19, 8, 10 + bits)

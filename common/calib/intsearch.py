@@ -45,7 +45,7 @@ __all__ = ["int_codes", "int_path_ok", "IntDirectSearch", "exact_argmin", "WINDO
 #: Base relative window of the shortlist (see the module docstring).
 WINDOW = 2e-5
 #: Elements of the float32 code buffer per candidate batch.
-CODE_BUDGET = 1 << 22
+CODE_BUDGET = 1 << 20
 #: Sample ranges per group evaluated independently (the units of work of the thread pool).
 PIECES = 4
 

@@ -34,6 +34,8 @@ CAND_BUDGET = 1 << 20
 #: Sample ranges per group of `LeftOperandSearch.errors` (the units of work of the thread pool; fixed,
 #: so the sums do not depend on the thread count).
 PIECES = 4
+#: Gram-form searches in pieces on the thread pool too (off: one batched call with OpenMP threads).
+THREADED_GRAM = True
 
 
 # --------------------------------------------------------------------------- quantiles
@@ -234,26 +236,29 @@ class LeftOperandSearch:
         `common.calib.threads.map_pieces`, their partial sums added in a fixed order.
         """
         groups = self.left.shape[0]
+        if self.gram and not THREADED_GRAM:  # one batched call: large GEMMs that OpenMP spreads well
+            return self._piece(scale, zp, 0, groups, lo, hi)
         tasks = [(g, a, b) for g in range(groups) for a, b in sample_pieces(lo, hi, PIECES)]
-        parts = map_pieces(lambda t: self._piece(scale[:, t[0]:t[0] + 1], zp[:, t[0]:t[0] + 1], *t), tasks)
+        parts = map_pieces(lambda t: self._piece(scale[:, t[0]:t[0] + 1], zp[:, t[0]:t[0] + 1], t[0], t[0] + 1,
+                                                 *t[1:]), tasks)
         out = torch.zeros(scale.shape[0], groups, dtype=torch.float64, device=scale.device)
         for (g, _, _), part in zip(tasks, parts):
             out[:, g] += part[:, 0]
         return out
 
-    def _piece(self, scale: torch.Tensor, zp: torch.Tensor, g: int, lo: int, hi: int) -> torch.Tensor:
-        """Errors (C, 1) of group g over samples [lo, hi)."""
-        gs = slice(g, g + 1)
+    def _piece(self, scale: torch.Tensor, zp: torch.Tensor, g0: int, g1: int, lo: int, hi: int) -> torch.Tensor:
+        """Errors (C, g1 − g0) of groups [g0, g1) over samples [lo, hi)."""
+        gs = slice(g0, g1)
 
         def grp(t: torch.Tensor) -> torch.Tensor:
             return t[gs] if t.shape[0] > 1 else t
 
-        left = self.left[gs, lo:hi, None]  # (1, s, 1, n, k)
-        per = left[0].numel() * (2 if self.gram else 1 + self.right.shape[-1] // left.shape[-1])
+        left = self.left[gs, lo:hi, None]  # (g, s, 1, n, k)
+        per = left.numel() * (2 if self.gram else 1 + self.right.shape[-1] // left.shape[-1])
         step = _cand_batch(per)
         out = []
         for i in range(0, scale.shape[0], step):
-            s = scale[i:i + step].T[:, None, :, None, None]  # (1, 1, c, 1, 1)
+            s = scale[i:i + step].T[:, None, :, None, None]  # (g, 1, c, 1, 1)
             z = zp[i:i + step].T[:, None, :, None, None]
             if self.gram:
                 d = quant_delta(left, s, z, self.bits)  # (1, s, c, n, k)
