@@ -44,7 +44,8 @@ from torch import nn
 
 from common.calib.search import CAND_BUDGET, LeftOperandSearch, self_errors, weight_output_errors
 from common.calib.capture import iter_layer_io
-from common.calib.reparam import reparameterize_layernorm
+from common.calib.calibrate import reparam_active
+from common.calib.reparam import LN_SITES, prev_norm, reparameterize_layernorm
 from common.quant import QuantConv2d, QuantLinear, QuantMatMul, UniformQuantizer
 from common.quant.adalog import AdaLogQuantizer, adalog_codes, adalog_levels
 from common.quant.granularity import PerTensor
@@ -61,8 +62,6 @@ __all__ = ["AdaLogCalibConfig", "calib_config", "calibrate_model", "calibrate_li
 
 log = logging.getLogger(__name__)
 
-#: Linear sites whose input is a LayerNorm output (reparameterized when `reparam_active`).
-LN_SITES = ("qkv", "fc1", "reduction")
 _IGNORED = {"n_images", "augment", "draw", "evaluate"}
 
 
@@ -109,10 +108,6 @@ class AdaLogCalibConfig:
 
 def calib_config(cfg: Any = None, **overrides) -> AdaLogCalibConfig:
     return dataclass_from(AdaLogCalibConfig, cfg, _IGNORED, "adalog calib", **overrides)
-
-
-def reparam_active(cfg: AdaLogCalibConfig, w_bit: int, a_bit: int) -> bool:
-    return bool(cfg.reparam) and (not cfg.reparam_requires_equal_bits or int(w_bit) == int(a_bit))
 
 
 def _uniform(q: nn.Module) -> UniformQuantizer | None:
@@ -422,23 +417,6 @@ def calibrate_conv(layer: QuantConv2d, x: torch.Tensor, y: torch.Tensor, cfg: Ad
 # --------------------------------------------------------------------------- model walk
 
 
-def _prev_norm(model: nn.Module, layer: QuantLinear) -> nn.LayerNorm | None:
-    """The LayerNorm feeding qkv (norm1), fc1 (norm2) or a Swin reduction (its PatchMerging.norm)."""
-    parts = getattr(layer, "qname", "").split(".")
-    if layer.site in ("qkv", "fc1") and len(parts) >= 3:
-        name = ".".join(parts[:-2] + ["norm1" if layer.site == "qkv" else "norm2"])
-    elif layer.site == "reduction":
-        name = ".".join(parts[:-1] + ["norm"])
-    else:
-        return None
-    try:
-        norm = model.get_submodule(name)
-    except AttributeError:
-        return None
-    ok = isinstance(norm, nn.LayerNorm) and norm.weight is not None and norm.bias is not None
-    return norm if ok else None
-
-
 @torch.no_grad()
 def calibrate_model(model: nn.Module, images: torch.Tensor, cfg: AdaLogCalibConfig, w_bit: int, a_bit: int,
                     device: torch.device | str = "cpu", progress: bool = True) -> dict[str, Any]:
@@ -462,7 +440,8 @@ def calibrate_model(model: nn.Module, images: torch.Tensor, cfg: AdaLogCalibConf
         elif _adalog(layer.input_quantizer) is not None:
             rec = calibrate_post_gelu(layer, ins[0], out, cfg)
         else:
-            norm = _prev_norm(model, layer) if do_reparam and layer.site in LN_SITES else None
+            reparam = do_reparam and layer.site in LN_SITES
+            norm = prev_norm(model, getattr(layer, "qname", ""), layer.site) if reparam else None
             rec = calibrate_linear(layer, ins[0], out, cfg, norm)
         records[qname] = rec
         seconds[qname] = round(time.perf_counter() - t0, 3)

@@ -28,7 +28,8 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from common.calib.calibrate import LN_SITES
+from common.calib.calibrate import reparam_active
+from common.calib.reparam import LN_SITES, prev_norm
 from common.calib.grids import GridCandidates, activation_grid, pair_qparams, weight_grid
 from common.calib.reparam import reparameterize_layernorm
 from common.calib.search import quant_delta, quantiles, reference_levels, self_errors
@@ -258,19 +259,6 @@ def calibrate_matmul_det(mm: QuantMatMul, a: torch.Tensor, b: torch.Tensor, cfg:
             "B": [ops["B"].iu.tolist(), ops["B"].il.tolist()] if ops["B"].q is not None else None}
 
 
-def _prev_norm(model: nn.Module, qname: str, site: str) -> nn.LayerNorm | None:
-    """norm1 (qkv), norm2 (fc1) or the PatchMerging norm (reduction) feeding a layer, if it is affine."""
-    parts = qname.split(".")
-    name = {"qkv": parts[:-2] + ["norm1"], "fc1": parts[:-2] + ["norm2"], "reduction": parts[:-1] + ["norm"]}.get(site)
-    if name is None:
-        return None
-    try:
-        norm = model.get_submodule(".".join(name))
-    except AttributeError:
-        return None
-    return norm if isinstance(norm, nn.LayerNorm) and norm.weight is not None and norm.bias is not None else None
-
-
 @torch.no_grad()
 def _capture(model: nn.Module, layer: nn.Module, images: Sequence[torch.Tensor], device: torch.device
              ) -> list[tuple[torch.Tensor, ...]]:
@@ -289,7 +277,7 @@ def _capture(model: nn.Module, layer: nn.Module, images: Sequence[torch.Tensor],
 def calibrate_detector(model: nn.Module, images: Sequence[torch.Tensor], cfg: DetCalibConfig, w_bit: int,
                        a_bit: int, device: torch.device) -> dict[str, Any]:
     """Calibrate every wrapped layer of a detector in place; per-layer records, timings, uncalled layers."""
-    do_reparam = cfg.reparam and (not cfg.reparam_requires_equal_bits or w_bit == a_bit)
+    do_reparam = reparam_active(cfg, w_bit, a_bit)
     records: dict[str, Any] = {}
     seconds: dict[str, float] = {}
     uncalled: list[str] = []
@@ -308,7 +296,7 @@ def calibrate_detector(model: nn.Module, images: Sequence[torch.Tensor], cfg: De
                 rec = calibrate_conv_det(layer, [c[0] for c in calls], cfg)
             else:
                 site = getattr(layer, "site", "")
-                norm = _prev_norm(model, qname, site) if do_reparam and site in LN_SITES else None
+                norm = prev_norm(model, qname, site) if do_reparam and site in LN_SITES else None
                 rec = calibrate_linear_det(layer, [c[0] for c in calls], cfg, norm)
             records[qname] = rec
             seconds[qname] = round(time.perf_counter() - t0, 3)

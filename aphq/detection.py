@@ -23,7 +23,6 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from common.calib.calibrate import load_quant_state
 from common.quant.wrap import wrap_model
 from common.run.staged import cpu_state, plain
 from common.tasks.detection.metrics import evaluate_detector
@@ -73,20 +72,7 @@ def quantize_detection(method: "APHQ", model: nn.Module, data) -> nn.Module:
     chain = [n for n, on in zip(DET_STAGES, (mr_on, True, rec_on)) if on]
     sigs = method._chain(chain, keys)
 
-    def load(name: str, res: dict) -> None:
-        if name == "aphq_det_mlp_recon":
-            model.load_state_dict(res["state_dict"])
-        else:
-            load_quant_state(model, res["state_dict"])
-
-    def restore(name: str, res: dict) -> None:
-        if mr_on:
-            relu_swap(model)
-        if name != "aphq_det_mlp_recon":
-            wrap_model(model, method._scheme())
-        model.to(device)
-        load(name, res)
-
+    restore, load = method._stage_loaders(model, mr_on, "aphq_det_mlp_recon")
     def mlp_stage() -> dict:
         t0 = time.perf_counter()
         images = _images(method, data, "mlp_recon")

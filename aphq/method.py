@@ -32,7 +32,7 @@ from __future__ import annotations
 import copy
 import logging
 import time
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -103,6 +103,28 @@ class APHQ(StagedMethod):
                 "aphq_calibrate": {"calib": calib, "bits": bits},
                 "aphq_reconstruct": {"recon": recon, "bits": bits}}
 
+    def _stage_loaders(self, model: nn.Module, mr_on: bool, mr_stage: str
+                       ) -> tuple[Callable[[str, dict], None], Callable[[str, dict], None]]:
+        """(restore, load) for `_resume` / `_run_rest`: `load` puts a stage's state dict into `model` (plain
+        after the MR stage `mr_stage`, quantizer state after the others); `restore` first brings a fresh
+        `model` into the stage's form (ReLU MLPs when MR is on, wrapped quantizers after MR)."""
+
+        def load(name: str, res: dict) -> None:
+            if name == mr_stage:
+                model.load_state_dict(res["state_dict"])
+            else:
+                load_quant_state(model, res["state_dict"])
+
+        def restore(name: str, res: dict) -> None:
+            if mr_on:
+                relu_swap(model)
+            if name != mr_stage:
+                wrap_model(model, self._scheme())
+            model.to(self.ctx.device)
+            load(name, res)
+
+        return restore, load
+
     # ------------------------------------------------------------------ main entry
 
     def quantize(self, model: nn.Module, data) -> nn.Module:
@@ -119,20 +141,7 @@ class APHQ(StagedMethod):
         chain = [n for n, on in zip(STAGES, (mr_on, True, rec_on)) if on]
         sigs = self._chain(chain, keys)
 
-        def restore(name: str, res: dict) -> None:
-            if mr_on:
-                relu_swap(model)
-            if name != "aphq_mlp_recon":
-                wrap_model(model, self._scheme())
-            model.to(device)
-            load(name, res)
-
-        def load(name: str, res: dict) -> None:
-            if name == "aphq_mlp_recon":
-                model.load_state_dict(res["state_dict"])
-            else:
-                load_quant_state(model, res["state_dict"])
-
+        restore, load = self._stage_loaders(model, mr_on, "aphq_mlp_recon")
         last = self._resume(chain, keys, sigs, restore)
         if last < 0:
             model.to(device)

@@ -45,7 +45,7 @@ from common.quant import QuantConv2d, QuantLinear, QuantMatMul, UniformQuantizer
 from common.quant.granularity import Granularity, PerAxis, PerTensor, PerToken
 from common.quant.primitives import fake_quant_affine
 from common.quant.quantizers import quantizers_of
-from common.calib.reparam import reparameterize_layernorm
+from common.calib.reparam import LN_SITES, prev_norm, reparameterize_layernorm
 
 from common.calib.grids import (GridCandidates, activation_grid, conv_percentiles, matmul_bounds, pair_qparams,
                                 pruned_argmin, sample_chunks, weight_grid)
@@ -57,8 +57,6 @@ __all__ = ["CalibConfig", "calibrate_model", "calibrate_linear", "calibrate_matm
 
 log = logging.getLogger(__name__)
 
-#: Linear sites whose input is a LayerNorm output folded by the reparameterization.
-LN_SITES = ("qkv", "fc1", "reduction")
 
 
 @dataclass
@@ -103,8 +101,9 @@ class CalibConfig:
         return cls(**{k: v for k, v in d.items() if k in known})
 
 
-def reparam_active(cfg: CalibConfig, w_bit: int, a_bit: int) -> bool:
-    """Whether qkv / fc1 / reduction inputs are reparameterized (reference: only if a_bit == w_bit)."""
+def reparam_active(cfg: Any, w_bit: int, a_bit: int) -> bool:
+    """Whether qkv / fc1 / reduction inputs are reparameterized (reference: only if a_bit == w_bit), for any
+    calibration settings with `reparam` and `reparam_requires_equal_bits` (APHQ, FIMA-Q, AdaLog, detection)."""
     return bool(cfg.reparam) and (not cfg.reparam_requires_equal_bits or int(w_bit) == int(a_bit))
 
 
@@ -449,27 +448,6 @@ def expand_token_wise(layer: nn.Module, inputs: tuple[torch.Tensor, ...]) -> boo
 # --------------------------------------------------------------------------- model walk
 
 
-def _prev_norm(model: nn.Module, layer: QuantLinear) -> nn.LayerNorm | None:
-    """The LayerNorm whose output feeds a qkv / fc1 / reduction layer (None if not found)."""
-    qname = getattr(layer, "qname", "")
-    parts = qname.split(".")
-    if layer.site == "qkv" and len(parts) >= 3:
-        name = ".".join(parts[:-2] + ["norm1"])
-    elif layer.site == "fc1" and len(parts) >= 3:
-        name = ".".join(parts[:-2] + ["norm2"])
-    elif layer.site == "reduction":
-        name = ".".join(parts[:-1] + ["norm"])
-    else:
-        return None
-    try:
-        norm = model.get_submodule(name)
-    except AttributeError:
-        return None
-    if isinstance(norm, nn.LayerNorm) and norm.weight is not None and norm.bias is not None:
-        return norm
-    return None
-
-
 @torch.no_grad()
 def calibrate_model(model: nn.Module, images: torch.Tensor, cfg: CalibConfig, w_bit: int, a_bit: int,
                     device: torch.device | str = "cpu", progress: bool = True) -> dict[str, Any]:
@@ -495,7 +473,8 @@ def calibrate_model(model: nn.Module, images: torch.Tensor, cfg: CalibConfig, w_
         elif isinstance(layer, QuantConv2d):
             rec = calibrate_conv(layer, ins[0], out, cfg)
         else:
-            norm = _prev_norm(model, layer) if do_reparam and layer.site in LN_SITES else None
+            reparam = do_reparam and layer.site in LN_SITES
+            norm = prev_norm(model, getattr(layer, "qname", ""), layer.site) if reparam else None
             rec = calibrate_linear(layer, ins[0], out, cfg, norm)
         if cfg.token_wise and expand_token_wise(layer, ins):
             rec = {**rec, "token_wise": True}

@@ -19,7 +19,28 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-__all__ = ["Reparam", "reparameterize_layernorm"]
+__all__ = ["Reparam", "reparameterize_layernorm", "LN_SITES", "prev_norm"]
+
+#: Linear sites whose input is a LayerNorm output folded by the reparameterization.
+LN_SITES = ("qkv", "fc1", "reduction")
+
+
+def prev_norm(model: nn.Module, qname: str, site: str) -> nn.LayerNorm | None:
+    """The affine LayerNorm feeding a qkv (norm1), fc1 (norm2) or Swin reduction (PatchMerging.norm) layer
+    named `qname` in `model`, or None (other sites, no such module, no affine parameters)."""
+    parts = qname.split(".")
+    if site in ("qkv", "fc1") and len(parts) >= 3:
+        name = ".".join(parts[:-2] + ["norm1" if site == "qkv" else "norm2"])
+    elif site == "reduction":
+        name = ".".join(parts[:-1] + ["norm"])
+    else:
+        return None
+    try:
+        norm = model.get_submodule(name)
+    except AttributeError:
+        return None
+    ok = isinstance(norm, nn.LayerNorm) and norm.weight is not None and norm.bias is not None
+    return norm if ok else None
 
 
 @dataclass

@@ -261,9 +261,9 @@ class LeftOperandSearch:
             s = scale[i:i + step].T[:, None, :, None, None]  # (g, 1, c, 1, 1)
             z = zp[i:i + step].T[:, None, :, None, None]
             if self.gram:
-                d = quant_delta(left, s, z, self.bits)  # (1, s, c, n, k)
+                d = quant_delta(left, s, z, self.bits)  # (g, s, c, n, k)
                 v = self._times(d, self._rows(grp(self.m), lo, hi)).add_(self.g2[gs, lo:hi, None])
-                e = torch.linalg.vecdot(d, v).sum((1, 3), dtype=torch.float64)  # (1, c)
+                e = torch.linalg.vecdot(d, v).sum((1, 3), dtype=torch.float64)  # (g, c)
                 e += self.base[gs, lo:hi].sum(1, keepdim=True)
             else:
                 q = quant_delta(left, s, z, self.bits, delta=False)
