@@ -97,9 +97,9 @@ def bench_calibration(name: str, n: int, bits: int, meter: PeakRSS, int_search: 
                       units: int | None = None) -> dict:
     model = wrap_model(fp_model(name), aphq_scheme(bits))
     if units:  # only the first `units` units (patch embed, blocks.0, ...): a per-block figure in less time
-        import common.calib.calibrate as calib_mod
+        import common.calib.capture as capture_mod  # iter_layer_io walks the units
 
-        calib_mod.model_units = lambda m, _all=model_units: _all(m)[:units]
+        capture_mod.model_units = lambda m, _all=model_units: _all(m)[:units]
     x = images(n, model, 1)
     out: dict = {"int_search": int_search}
     with meter.stage(out, "calibration"):

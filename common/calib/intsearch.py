@@ -9,11 +9,11 @@ one for a linear's weight). A candidate's output is an integer GEMM scaled after
 
 with the codes held in int8 (signed U − z where they fit, else U − off with exact zero-point
 corrections, see `IntDirectSearch`) and the GEMM done by `torch._int_mm` (int8 × int8 → int32, exact:
-|codes| ≤ 128 and k·128² < 2^31). Per candidate that is 4–5 elementwise passes over L (the search's own
-x / s, round, clamp, cast to int8) instead of 7 plus a float32 GEMM, and the int8 GEMM (VNNI) is ~4×
-faster than the float32 one. The error Σ‖s s_r P − Y‖² is formed in float64 from the exact integer
-product, so it is the candidate's exact error up to float64 rounding (≈ 1e-16 relative, against
-≈ 1e-7 for the float32 search's value).
+|codes| ≤ 128 and k·128² < 2^31). Per candidate that is one fused pass over L for the codes (the search's
+own x / s and round, `common.calib.kernels.int8_codes`) instead of 7 passes plus a float32 GEMM, the
+int8 GEMM (VNNI) is ~4× faster than the float32 one, and one fused float64 pass over the product
+(`product_sums`) forms the error Σ‖s s_r P − Y‖² from the exact integer product: the candidate's exact
+error up to float64 rounding (≈ 1e-16 relative, against ≈ 1e-7 for the float32 search's value).
 
 Same choices (`exact_argmin`): the float32 search takes the first minimum of its float32 errors. Per
 group, the exact errors shortlist the candidates within a relative window w of the exact minimum; the
@@ -36,8 +36,10 @@ from __future__ import annotations
 import threading
 from typing import Callable
 
+import numpy as np
 import torch
 
+from common.calib.kernels import int8_codes, product_sums
 from common.calib.threads import map_pieces, sample_pieces
 
 __all__ = ["int_codes", "int_path_ok", "IntDirectSearch", "exact_argmin", "WINDOW"]
@@ -107,9 +109,14 @@ class IntDirectSearch:
             cr = torch.cat([cr, torch.ones_like(cr[..., :1])], -1)
         self.cr8 = cr.to(torch.int8).contiguous()
         sr = torch.broadcast_to(scale_r, u_r.shape[:-2] + (1, m)).transpose(0, 1)  # (G|1, S|1, 1, m)
-        self.scale_r = sr[:, 0, 0].double()  # (G|1, m): constant over samples
-        self.target = target.transpose(0, 1).double().contiguous()  # (G, S, n, m)
-        self.yy = self.target.square().sum((2, 3))  # (G, S)
+        scale_r = sr[:, 0, 0].double()  # (G|1, m): constant over samples
+        self.w = (scale_r * scale_r).contiguous().numpy()  # s_r,j²
+        tgt = target.transpose(0, 1).double()  # (G, S, n, m)
+        self.yy = tgt.square().sum((2, 3))  # (G, S)
+        self.yw = (tgt * scale_r[:, None, None, :]).contiguous().numpy()  # s_r,j Y_ij
+        self.m = m
+        self.zr_np = self.zr[:, :, 0].contiguous().numpy()  # (G|1, S|1, m)
+        self.corr = (self.zr * k - self.colsum)[:, :, 0].contiguous().numpy()  # z_r,j k − colsum_j
         self._local = threading.local()  # per-thread reused buffers
 
     def _buf(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
@@ -136,70 +143,53 @@ class IntDirectSearch:
         zf = zp.double()
         signed = _fits_int8(float(-zf.max()), float(self.levels - zf.min()))
         off = 0 if signed or self.bits <= 7 else 128
-        zps = zp.tolist()
-        parts = map_pieces(lambda t: self._errors_piece(scale, zp, zf, zps, signed, off, *t), tasks)
+        parts = map_pieces(lambda t: self._errors_piece(scale, zp, zf, signed, off, *t), tasks)
         self._local = threading.local()
         out = torch.zeros(scale.shape[0], G, dtype=torch.float64)
         for (g, _, _), part in zip(tasks, parts):
             out[:, g] += part
         return out
 
-    def _errors_piece(self, scale: torch.Tensor, zp: torch.Tensor, zf: torch.Tensor, zps: list, signed: bool,
-                      off: int, g: int, lo: int, hi: int) -> torch.Tensor:
-        """Errors (C,) of group g's candidates over samples [lo, hi)."""
+    def _errors_piece(self, scale: torch.Tensor, zp: torch.Tensor, zf: torch.Tensor, signed: bool, off: int,
+                      g: int, lo: int, hi: int) -> torch.Tensor:
+        """Errors (C,) of group g's candidates over samples [lo, hi): fused codes, int8 GEMMs, fused sums."""
         _, _, n, k = self.left.shape
-        m = self.target.shape[-1]
+        m = self.m
         mc = self.cr8.shape[-1]  # m, or m + 1 with the ones column
         ns = hi - lo
-        step = max(1, min(scale.shape[0], CODE_BUDGET // max(ns * n * k, 1)))
-        out = torch.empty(scale.shape[0], dtype=torch.float64)
+        n_c = scale.shape[0]
+        step = max(1, min(n_c, CODE_BUDGET // max(ns * n * k, 1)))
         shared = self.cr8.shape[1] == 1
         gr = g if self.cr8.shape[0] > 1 else 0
-        x = self.left[g, lo:hi, None]  # (s, 1, n, k)
-        fr = self.scale_r[gr]  # (m,)
-        yr = (self.target[g, lo:hi] * fr).reshape(ns, n * m)  # s_r,j Y_ij
-        w = fr * fr
-        yy = self.yy[g, lo:hi].sum()
-        zr = self.zr[gr, (0 if shared else slice(lo, hi))].reshape(-1, 1, 1, m)  # (s|1, 1, 1, m)
-        cs = self.colsum[gr, (0 if shared else slice(lo, hi))].reshape(-1, 1, 1, m)
-        for i in range(0, scale.shape[0], step):
-            sc = scale[i:i + step, g].reshape(1, -1, 1, 1)
-            c = sc.shape[1]
-            buf = torch.div(x, sc, out=self._buf("codes", (ns, c, n, k), torch.float32))  # the search's x / s
-            buf.round_()
-            if signed:  # D = clamp(round(x/s) + z, 0, L) − z = clamp(round(x/s), −z, L − z)
-                for j in range(c):
-                    zj = zps[i + j][g]
-                    buf[:, j].clamp_(-zj, self.levels - zj)
-                z_eff = None
-            else:
-                z = zp[i:i + step, g].reshape(1, -1, 1, 1)
-                buf.add_(z).clamp_(0, self.levels)
-                if off:
-                    buf.sub_(off)
-                z_eff = zf[i:i + step, g].reshape(1, -1, 1, 1) - off
+        x = self.left[g, lo:hi].reshape(ns, n * k).numpy()
+        sc = scale[:, g].float().contiguous().numpy()
+        z = zp[:, g].float().contiguous().numpy()
+        if signed:  # D = clamp(round(x/s) + z, 0, L) − z = clamp(round(x/s), −z, L − z): no zero-point terms
+            add, lo_b, hi_b, sub = np.zeros_like(z), -z, self.levels - z, 0.0
+            zc = np.zeros(n_c)
+        else:
+            add, lo_b, hi_b, sub = z, np.zeros_like(z), np.full_like(z, self.levels), float(off)
+            zc = zf[:, g].numpy() - off
+        rsl = 0 if shared else slice(lo, hi)
+        zr = self.zr_np[gr, rsl].reshape(-1, m)
+        corr = self.corr[gr, rsl].reshape(-1, m)
+        yw = self.yw[g, lo:hi]
+        pp, py = np.empty(n_c), np.empty(n_c)
+        for i in range(0, n_c, step):
+            c = min(step, n_c - i)
             u8 = self._buf("u8", (ns, c, n, k), torch.int8)
-            u8.copy_(buf)
+            int8_codes(x, sc[i:i + c], add[i:i + c], lo_b[i:i + c], hi_b[i:i + c], sub, u8.numpy().reshape(ns, c, n * k))
             p = self._buf("p", (ns, c * n, mc), torch.int32)
             if shared:
                 torch._int_mm(u8.view(ns * c * n, k), self.cr8[gr, 0], out=p.view(ns * c * n, mc))
             else:
                 for j in range(ns):
                     torch._int_mm(u8[j].view(c * n, k), self.cr8[gr, lo + j], out=p[j])
-            o = self._buf("o", (ns, c, n, m), torch.float64)
-            o.copy_(p.view(ns, c, n, mc)[..., :m])
-            if self.need_rows:  # − z_r,j · rowsum_i(U')
-                o.addcmul_(p.view(ns, c, n, mc)[..., m:].double(), zr, value=-1)
-            if z_eff is not None and bool((z_eff != 0).any()):  # − z'·colsum_j + z' z_r,j k
-                o.add_(z_eff * (zr * k - cs))
-            ov = o.view(ns, c, n * m)
-            # Σ (s s_r,j P_ij − Y_ij)² = s² Σ s_r,j² P_ij² − 2 s Σ P_ij (s_r,j Y_ij) + ‖Y‖²
-            py = sum(torch.mv(ov[j], yr[j]) for j in range(ns))
-            ov.square_()
-            pp = (ov.view(-1, m) @ w).view(ns, c, n).sum(2).sum(0)
-            s64 = sc.double().reshape(-1)
-            out[i:i + c] = s64 * s64 * pp - 2 * s64 * py + yy
-        return out
+            product_sums(p.numpy().reshape(ns, c, n, mc), m, yw, self.w[gr], zr, corr, zc[i:i + c],
+                         self.need_rows, pp[i:i + c], py[i:i + c])
+        # Σ (s s_r,j P'_ij − Y_ij)² = s² Σ s_r,j² P'_ij² − 2 s Σ P'_ij (s_r,j Y_ij) + ‖Y‖²
+        s64 = sc.astype(np.float64)
+        return torch.from_numpy(s64 * s64 * pp - 2 * s64 * py) + self.yy[g, lo:hi].sum()
 
 
 def exact_argmin(errors: torch.Tensor, rescore: Callable[[torch.Tensor], torch.Tensor],
