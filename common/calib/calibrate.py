@@ -205,11 +205,21 @@ def calibrate_linear(layer: QuantLinear, x: torch.Tensor, y: torch.Tensor, cfg: 
         if cfg.memo and key in a_memo:
             return a_memo[key]
         right = w_hat(w_state).T[None, None]
-        target = y_tok if b is None else y_tok - b
-        search = LeftOperandSearch(_token_view(x), right, target.reshape(x.shape[0], 1, -1, rows), aq.bits,
-                                   cfg.metric)
-        res = _argmin(len(agrid), 1, x.shape[0], cfg.prune,
-                      lambda idx, lo, hi: search.errors(*agrid.params(idx), lo, hi), x[0].numel() * rows // x.shape[-1])
+        target = (y_tok if b is None else y_tok - b).reshape(x.shape[0], 1, -1, rows)
+        search = LeftOperandSearch(_token_view(x), right, target, aq.bits, cfg.metric)
+        fast = None
+        if (cfg.int_search and not search.gram and cfg.metric == "mse" and w_state is not None
+                and int_path_ok(aq.bits, wq.bits, x.shape[-1], x.device)):
+            s_w, z_w = wgrid.select(w_state)  # per output row = per column of the right operand wᵀ
+            fast = IntDirectSearch(_token_view(x), w.T[None, None], s_w.view(1, 1, 1, rows), z_w.view(1, 1, 1, rows),
+                                   target, aq.bits, wq.bits)
+        if fast is not None:
+            n_all, ns = torch.arange(len(agrid)), x.shape[0]
+            res, _ = exact_argmin(fast.errors(*agrid.params(n_all), 0, ns),
+                                  lambda idx: search.errors(*agrid.params(idx), 0, ns))
+        else:
+            res = _argmin(len(agrid), 1, x.shape[0], cfg.prune, lambda idx, lo, hi: search.errors(*agrid.params(idx), lo, hi),
+                          x[0].numel() * rows // x.shape[-1])
         a_memo[key] = res
         return res
 

@@ -33,14 +33,13 @@ cheaper in float32 (a k² GEMM per row), so those keep the float32 path.
 """
 from __future__ import annotations
 
-import threading
 from typing import Callable
 
 import numpy as np
 import torch
 
 from common.calib.kernels import int8_codes, product_sums
-from common.calib.threads import map_pieces, sample_pieces
+from common.calib.threads import ThreadBuffers, map_pieces, sample_pieces
 
 __all__ = ["int_codes", "int_path_ok", "IntDirectSearch", "exact_argmin", "WINDOW"]
 
@@ -117,19 +116,7 @@ class IntDirectSearch:
         self.m = m
         self.zr_np = self.zr[:, :, 0].contiguous().numpy()  # (G|1, S|1, m)
         self.corr = (self.zr * k - self.colsum)[:, :, 0].contiguous().numpy()  # z_r,j k − colsum_j
-        self._local = threading.local()  # per-thread reused buffers
-
-    def _buf(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-        """A reused buffer of this thread (fresh large allocations cost more than the passes over them)."""
-        n = 1
-        for d in shape:
-            n *= d
-        bufs = self._local.__dict__.setdefault("bufs", {})
-        flat = bufs.get(name)
-        if flat is None or flat.numel() < n or flat.dtype != dtype:
-            flat = torch.empty(n, dtype=dtype)
-            bufs[name] = flat
-        return flat[:n].view(shape)
+        self._bufs = ThreadBuffers()
 
     def errors(self, scale: torch.Tensor, zp: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
         """Exact errors (C, G) of candidates (C, G) over samples [lo, hi).
@@ -144,7 +131,7 @@ class IntDirectSearch:
         signed = _fits_int8(float(-zf.max()), float(self.levels - zf.min()))
         off = 0 if signed or self.bits <= 7 else 128
         parts = map_pieces(lambda t: self._errors_piece(scale, zp, zf, signed, off, *t), tasks)
-        self._local = threading.local()
+        self._bufs.clear()
         out = torch.zeros(scale.shape[0], G, dtype=torch.float64)
         for (g, _, _), part in zip(tasks, parts):
             out[:, g] += part
@@ -177,9 +164,9 @@ class IntDirectSearch:
         pp, py = np.empty(n_c), np.empty(n_c)
         for i in range(0, n_c, step):
             c = min(step, n_c - i)
-            u8 = self._buf("u8", (ns, c, n, k), torch.int8)
+            u8 = self._bufs.get("u8", (ns, c, n, k), torch.int8)
             int8_codes(x, sc[i:i + c], add[i:i + c], lo_b[i:i + c], hi_b[i:i + c], sub, u8.numpy().reshape(ns, c, n * k))
-            p = self._buf("p", (ns, c * n, mc), torch.int32)
+            p = self._bufs.get("p", (ns, c * n, mc), torch.int32)
             if shared:
                 torch._int_mm(u8.view(ns * c * n, k), self.cr8[gr, 0], out=p.view(ns * c * n, mc))
             else:

@@ -6,6 +6,10 @@ float64 passes over the product (convert, zero-point corrections, square, two re
 cores those many small ops also serialise on the GIL. These kernels do each side in one pass and
 release the GIL, so the search's pieces run in parallel on `common.calib.threads.map_pieces`:
 
+* `fake_quant`: Q(x) − x (or Q(x)) of the float32 search (`common.calib.search.LeftOperandSearch`) for a
+  batch of candidates in one pass instead of 7, the same float32 operations in the same order, so the
+  float32 search's errors are unchanged bit for bit.
+
 * `int8_codes`: U = clamp(round(x / s) + a, lo, hi) − b for a batch of candidates, in int8. The division
   and round-half-to-even are float32 IEEE operations, the same as the torch search's `x / s` and
   `round` (no reciprocal, no fast-math), so the codes are the float32 search's codes exactly
@@ -22,7 +26,35 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-__all__ = ["int8_codes", "product_sums"]
+__all__ = ["fake_quant", "int8_codes", "product_sums"]
+
+
+@njit(nogil=True, cache=True)
+def fake_quant(x: np.ndarray, scale: np.ndarray, zp: np.ndarray, levels: float, delta: bool,
+               out: np.ndarray) -> None:  # pragma: no cover - compiled
+    """out[g, s, j, e] = Q(x[g, s, e]) (− x[g, s, e] with `delta`) for candidates (scale[g, j], zp[g, j]).
+
+    Q(x) = (clamp(rint(x / s) + z, 0, L) − z) · s, each step a float32 IEEE operation in the order of
+    `common.calib.search.quant_delta` (x / s, round, + z, clamp, − z, · s, − x), so the values are the
+    torch ops' bit for bit. x: (G, S, E) float32; scale, zp: (G, C) float32; out: (G, S, C, E) float32.
+    """
+    n_g, n_s, n_e = x.shape
+    n_c = scale.shape[1]
+    hi = np.float32(levels)
+    lo = np.float32(0.0)
+    for g in range(n_g):
+        for s in range(n_s):
+            for j in range(n_c):
+                sj, zj = scale[g, j], zp[g, j]
+                for e in range(n_e):
+                    xv = x[g, s, e]
+                    t = np.rint(xv / sj) + zj
+                    if t < lo:
+                        t = lo
+                    if t > hi:
+                        t = hi
+                    t = (t - zj) * sj
+                    out[g, s, j, e] = t - xv if delta else t
 
 
 @njit(nogil=True, cache=True)

@@ -21,7 +21,8 @@ from typing import Sequence
 
 import torch
 
-from common.calib.threads import map_pieces, sample_pieces
+from common.calib.kernels import fake_quant as _fused_fake_quant
+from common.calib.threads import ThreadBuffers, map_pieces, sample_pieces
 from common.quant.primitives import fake_quant_affine
 
 __all__ = ["QUANTILE_MAX", "CAND_BUDGET", "chunk_count", "order_statistics", "reference_levels", "quantiles",
@@ -150,6 +151,26 @@ def quant_delta(x: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor, bits: in
     return t.sub_(x) if delta else t
 
 
+_BUFS = ThreadBuffers()
+
+
+def candidates_delta(x: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor, bits: int,
+                     delta: bool = True) -> torch.Tensor:
+    """`quant_delta` of x (G, S, E) for candidates scale / zp (G, C) → (G, S, C, E), the same values.
+
+    On CPU one fused pass (`common.calib.kernels.fake_quant`, bit-identical to the torch ops) into a
+    reused buffer of this thread (valid until its next call); elsewhere the torch ops.
+    """
+    g, n_s, e = x.shape
+    c = scale.shape[1]
+    if x.device.type != "cpu":
+        return quant_delta(x[:, :, None], scale[:, None, :, None], zp[:, None, :, None], bits, delta)
+    out = _BUFS.get("delta", (g, n_s, c, e), torch.float32)
+    _fused_fake_quant(x.float().contiguous().numpy(), scale.float().contiguous().numpy(),
+                      zp.float().contiguous().numpy(), float(2 ** bits - 1), delta, out.numpy())
+    return out
+
+
 def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Row-wise dot products of (B, X) views as float64 (B,), without a product temporary."""
     return torch.linalg.vecdot(a, b).double()
@@ -169,9 +190,7 @@ def self_errors(x: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor, bits: in
     out = []
     step = _cand_batch(g * per)
     for i in range(0, scale.shape[0], step):
-        s = scale[i:i + step].T[:, :, None]  # (G, c, 1)
-        z = zp[i:i + step].T[:, :, None]
-        d = quant_delta(xg, s, z, bits)  # (G, c, S·n)
+        d = candidates_delta(xg, scale[i:i + step].T, zp[i:i + step].T, bits)[:, 0]  # (G, c, S·n)
         c = d.shape[1]
         out.append(_dot(d.reshape(g * c, per), d.reshape(g * c, per)).reshape(g, c).T)
     return torch.cat(out)
@@ -253,20 +272,22 @@ class LeftOperandSearch:
         def grp(t: torch.Tensor) -> torch.Tensor:
             return t[gs] if t.shape[0] > 1 else t
 
-        left = self.left[gs, lo:hi, None]  # (g, s, 1, n, k)
-        per = left.numel() * (2 if self.gram else 1 + self.right.shape[-1] // left.shape[-1])
+        left = self.left[gs, lo:hi]  # (g, s, n, k)
+        g, ns, n, k = left.shape
+        per = left.numel() * (2 if self.gram else 1 + self.right.shape[-1] // k)
         step = _cand_batch(per)
+        flat = left.reshape(g, ns, n * k)
         out = []
         for i in range(0, scale.shape[0], step):
-            s = scale[i:i + step].T[:, None, :, None, None]  # (g, 1, c, 1, 1)
-            z = zp[i:i + step].T[:, None, :, None, None]
+            s, z = scale[i:i + step].T, zp[i:i + step].T  # (g, c)
+            c = s.shape[1]
             if self.gram:
-                d = quant_delta(left, s, z, self.bits)  # (g, s, c, n, k)
+                d = candidates_delta(flat, s, z, self.bits).view(g, ns, c, n, k)
                 v = self._times(d, self._rows(grp(self.m), lo, hi)).add_(self.g2[gs, lo:hi, None])
                 e = torch.linalg.vecdot(d, v).sum((1, 3), dtype=torch.float64)  # (g, c)
                 e += self.base[gs, lo:hi].sum(1, keepdim=True)
             else:
-                q = quant_delta(left, s, z, self.bits, delta=False)
+                q = candidates_delta(flat, s, z, self.bits, delta=False).view(g, ns, c, n, k)
                 o = self._times(q, self._rows(grp(self.right), lo, hi)).sub_(self.target[gs, lo:hi, None])
                 e = (torch.linalg.vecdot(o, o) if self.metric == "mse" else o.abs().sum(-1)).sum(
                     (1, 3), dtype=torch.float64)
