@@ -45,8 +45,12 @@ __all__ = ["int_codes", "int_path_ok", "IntDirectSearch", "exact_argmin", "WINDO
 
 #: Base relative window of the shortlist (see the module docstring).
 WINDOW = 2e-5
-#: Elements of the float32 code buffer per candidate batch.
+#: Elements of the code buffer per candidate batch (a right operand shared by all samples).
 CODE_BUDGET = 1 << 20
+#: Elements of the code buffer per candidate batch of one sample (a right operand per sample): the
+#: larger GEMMs over many candidates pay more than staying in cache (block-0 matmul2, 2 threads: 2^17 →
+#: 3.3 s, 2^18 → 2.8–3.1 s, 2^20 → 2.2–2.5 s, 2^21 → 2.2 s).
+SAMPLE_BUDGET = 1 << 20
 #: Sample ranges per group evaluated independently (the units of work of the thread pool).
 PIECES = 4
 
@@ -161,19 +165,34 @@ class IntDirectSearch:
         zr = self.zr_np[gr, rsl].reshape(-1, m)
         corr = self.corr[gr, rsl].reshape(-1, m)
         yw = self.yw[g, lo:hi]
-        pp, py = np.empty(n_c), np.empty(n_c)
-        for i in range(0, n_c, step):
-            c = min(step, n_c - i)
-            u8 = self._bufs.get("u8", (ns, c, n, k), torch.int8)
-            int8_codes(x, sc[i:i + c], add[i:i + c], lo_b[i:i + c], hi_b[i:i + c], sub, u8.numpy().reshape(ns, c, n * k))
-            p = self._bufs.get("p", (ns, c * n, mc), torch.int32)
-            if shared:
+        pp, py = np.zeros(n_c), np.zeros(n_c)
+        if shared:  # one right operand: one GEMM over every sample of a candidate batch
+            for i in range(0, n_c, step):
+                c = min(step, n_c - i)
+                u8 = self._bufs.get("u8", (ns, c, n, k), torch.int8)
+                int8_codes(x, sc[i:i + c], add[i:i + c], lo_b[i:i + c], hi_b[i:i + c], sub,
+                           u8.numpy().reshape(ns, c, n * k))
+                p = self._bufs.get("p", (ns, c * n, mc), torch.int32)
                 torch._int_mm(u8.view(ns * c * n, k), self.cr8[gr, 0], out=p.view(ns * c * n, mc))
-            else:
-                for j in range(ns):
-                    torch._int_mm(u8[j].view(c * n, k), self.cr8[gr, lo + j], out=p[j])
-            product_sums(p.numpy().reshape(ns, c, n, mc), m, yw, self.w[gr], zr, corr, zc[i:i + c],
-                         self.need_rows, pp[i:i + c], py[i:i + c])
+                product_sums(p.numpy().reshape(ns, c, n, mc), m, yw, self.w[gr], zr, corr, zc[i:i + c],
+                             self.need_rows, pp[i:i + c], py[i:i + c])
+        else:  # a right operand per sample: sample by sample, large candidate batches per GEMM
+            step = max(1, min(n_c, SAMPLE_BUDGET // max(n * k, 1)))
+            part_pp, part_py = np.empty(n_c), np.empty(n_c)
+            for j in range(ns):
+                xj, ywj = x[j:j + 1], yw[j:j + 1]
+                zrj, corrj = zr[j:j + 1], corr[j:j + 1]
+                for i in range(0, n_c, step):
+                    c = min(step, n_c - i)
+                    u8 = self._bufs.get("u8", (1, c, n, k), torch.int8)
+                    int8_codes(xj, sc[i:i + c], add[i:i + c], lo_b[i:i + c], hi_b[i:i + c], sub,
+                               u8.numpy().reshape(1, c, n * k))
+                    p = self._bufs.get("p", (1, c * n, mc), torch.int32)
+                    torch._int_mm(u8.view(c * n, k), self.cr8[gr, lo + j], out=p[0])
+                    product_sums(p.numpy().reshape(1, c, n, mc), m, ywj, self.w[gr], zrj, corrj, zc[i:i + c],
+                                 self.need_rows, part_pp[i:i + c], part_py[i:i + c])
+                pp += part_pp
+                py += part_py
         # Σ (s s_r,j P'_ij − Y_ij)² = s² Σ s_r,j² P'_ij² − 2 s Σ P'_ij (s_r,j Y_ij) + ‖Y‖²
         s64 = sc.astype(np.float64)
         return torch.from_numpy(s64 * s64 * pp - 2 * s64 * py) + self.yy[g, lo:hi].sum()
