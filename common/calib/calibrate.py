@@ -75,8 +75,9 @@ class CalibConfig:
         chunk_average_quantile: reference quirk, average the quantiles of 2^24-element chunks.
         prune: branch-and-bound over sample chunks (exact; off = exhaustive evaluation).
         memo: reuse results of searches whose quantizer state did not change (exact).
-        int_search: score the attention·V operand searches from integer codes with exact int8 GEMMs,
-            same choices as the float32 search (`common.calib.intsearch`).
+        int_search: score the attention·V operand searches and the direct-form linear input searches
+            (proj, fc2) from integer codes with exact int8 GEMMs, same choices as the float32 search
+            (`common.calib.intsearch`; CPU).
     """
 
     n_images: int = 128

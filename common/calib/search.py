@@ -236,17 +236,22 @@ class LeftOperandSearch:
     @staticmethod
     def _times(q: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
         """q (G, s, c, n, k) @ r (G|1, s|1, k, m) → (G, s, c, n, m) as one (batched) GEMM: candidates are
-        stacked into the rows, so the right operand is never copied per candidate."""
+        stacked into the rows, so the right operand is never copied per candidate. The product goes to
+        a reused buffer of this thread (valid until the next call)."""
         g, s, c, n, k = q.shape
         m = r.shape[-1]
+        out = _BUFS.get("product", (g, s, c, n, m), torch.float32) if q.device.type == "cpu" else None
         # reshape, not view: with one sample the broadcast quantizer output can come back in a
         # non-contiguous layout (size-1 dims), where reshape copies; otherwise it is the same view
         if r.shape[1] == 1:  # shared by all samples (a linear's weight), or a single sample
             if r.shape[0] == 1:
-                return (q.reshape(-1, k) @ r[0, 0]).view(g, s, c, n, m)
-            return torch.bmm(q.reshape(g, s * c * n, k), r[:, 0]).view(g, s, c, n, m)
+                flat = None if out is None else out.view(-1, m)
+                return torch.matmul(q.reshape(-1, k), r[0, 0], out=flat).view(g, s, c, n, m)
+            flat = None if out is None else out.view(g, s * c * n, m)
+            return torch.bmm(q.reshape(g, s * c * n, k), r[:, 0], out=flat).view(g, s, c, n, m)
         rb = r.expand(g, s, k, m).reshape(g * s, k, m)
-        return torch.bmm(q.reshape(g * s, c * n, k), rb).view(g, s, c, n, m)
+        flat = None if out is None else out.view(g * s, c * n, m)
+        return torch.bmm(q.reshape(g * s, c * n, k), rb, out=flat).view(g, s, c, n, m)
 
     def errors(self, scale: torch.Tensor, zp: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
         """float64 (C, G) error sums over samples [lo, hi) for candidates (C, G).
@@ -284,13 +289,13 @@ class LeftOperandSearch:
             if self.gram:
                 d = candidates_delta(flat, s, z, self.bits).view(g, ns, c, n, k)
                 v = self._times(d, self._rows(grp(self.m), lo, hi)).add_(self.g2[gs, lo:hi, None])
-                e = torch.linalg.vecdot(d, v).sum((1, 3), dtype=torch.float64)  # (g, c)
+                # ⟨δ, v⟩ row by row: vecdot's product and float32 row sums, with the product in place
+                e = v.mul_(d).sum(-1).sum((1, 3), dtype=torch.float64)  # (g, c)
                 e += self.base[gs, lo:hi].sum(1, keepdim=True)
             else:
                 q = candidates_delta(flat, s, z, self.bits, delta=False).view(g, ns, c, n, k)
                 o = self._times(q, self._rows(grp(self.right), lo, hi)).sub_(self.target[gs, lo:hi, None])
-                e = (torch.linalg.vecdot(o, o) if self.metric == "mse" else o.abs().sum(-1)).sum(
-                    (1, 3), dtype=torch.float64)
+                e = (o.mul_(o) if self.metric == "mse" else o.abs_()).sum(-1).sum((1, 3), dtype=torch.float64)
             out.append(e.T)
         return torch.cat(out)
 
