@@ -219,6 +219,49 @@ def reference_mr_step(mlp, x, y, weight, ub: float, iters: int) -> Clock:
     return c
 
 
+# --------------------------------------------------------------------------- GEMM floor
+
+
+def _gemm_shapes(fp: torch.nn.Module, batch: int) -> dict[str, list[tuple[int, int, int, int, bool]]]:
+    """The GEMMs of one MR step and one block step as (count, m, k, n, left transposed): the matrix
+    products any implementation of the same maths in float32 must do (the unit input needs no grad)."""
+    blk = fp.blocks[0]
+    d, hidden = blk.mlp.fc1.in_features, blk.mlp.fc1.out_features
+    heads = blk.attn.num_heads
+    hd = d // heads
+    t = fp.patch_embed.num_patches + getattr(fp, "num_prefix_tokens", 1)
+    rows = batch * t
+    bh = batch * heads
+    mr = [(1, rows, d, hidden, False), (1, rows, hidden, d, False),  # fc1, fc2
+          (1, d, rows, hidden, True), (1, rows, d, hidden, False),  # fc2: ∂W, ∂h
+          (1, hidden, rows, d, True)]  # fc1: ∂W (∂x not needed)
+    block = [(1, rows, d, 3 * d, False), (bh, t, hd, t, False), (bh, t, t, hd, False), (1, rows, d, d, False),
+             (1, rows, d, hidden, False), (1, rows, hidden, d, False),  # forward
+             (1, rows, d, hidden, False), (1, d, rows, hidden, True),  # fc2: ∂x, ∂W
+             (1, rows, hidden, d, False), (1, hidden, rows, d, True),  # fc1
+             (1, rows, d, d, False), (1, d, rows, d, True),  # proj
+             (bh, t, hd, t, False), (bh, t, t, hd, False),  # attn·V: ∂attn, ∂V
+             (bh, t, t, hd, False), (bh, t, t, hd, False),  # q·kᵀ: ∂q, ∂k
+             (1, 3 * d, rows, d, True)]  # qkv: ∂W
+    return {"mr": mr, "block": block}
+
+
+def gemm_floor(shapes: list[tuple[int, int, int, int, bool]], reps: int = 10) -> tuple[float, float]:
+    """(wall, CPU) seconds of one pass over `shapes` (float32 matmuls on random data, best of `reps`)."""
+    gen = torch.Generator().manual_seed(0)
+    ops = []
+    for count, m, k, n, trans in shapes:
+        a = torch.randn(count, k, m, generator=gen).transpose(1, 2) if trans else torch.randn(count, m, k, generator=gen)
+        ops.append((a, torch.randn(count, k, n, generator=gen)))
+    best = (float("inf"), float("inf"))
+    for _ in range(reps):
+        with Clock() as c:
+            for a, b in ops:
+                torch.matmul(a, b)
+        best = min(best, (c.wall, c.cpu))
+    return best
+
+
 # --------------------------------------------------------------------------- benchmark
 
 
@@ -322,6 +365,9 @@ def bench_model(name: str, args) -> dict:
             q_in = fp_in + 0.01 * torch.randn_like(fp_in)
         r = reference_block_step(copy.deepcopy(q), fp_in, fp_out, q_in, aph["blocks.0"], 1, 2 * k)
         out["ref-style block step"] = (r.wall / (2 * k), r.cpu / (2 * k))
+    floors = _gemm_shapes(fp, 32)
+    out["mr step GEMMs alone"] = gemm_floor(floors["mr"])
+    out["block step GEMMs alone"] = gemm_floor(floors["block"])
     out["peak RSS (MiB)"] = peak_rss_mib()
     return out
 
@@ -363,6 +409,11 @@ def main() -> None:
                     continue
                 o, r = res[ours], res[ref]
                 print(f"  speed-up {ours:23s} {r[0] / o[0]:5.2f}x wall  {r[1] / o[1]:5.2f}x CPU")
+            for step in ("block step", "mr step"):  # the most any float32 implementation could gain
+                r, f = res.get(f"ref-style {step}"), res[f"{step} GEMMs alone"]
+                if r is not None:
+                    print(f"  bound    {step:23s} {r[0] / f[0]:5.2f}x wall  {r[1] / f[1]:5.2f}x CPU"
+                          "  (ref-style step / its GEMMs alone)")
         sys.stdout.flush()
 
 
