@@ -74,3 +74,22 @@ def test_product_sums_equal_float64(rows, shared):
     ref_py = (pd * yw[:, None]).sum((0, 2, 3))
     assert torch.allclose(torch.from_numpy(pp), ref_pp, rtol=1e-13, atol=0)
     assert torch.allclose(torch.from_numpy(py), ref_py, rtol=1e-12, atol=1e-9)
+
+
+@pytest.mark.parametrize("delta", [True, False])
+def test_fused_fake_quant_equals_quant_delta_bit_for_bit(delta):
+    """`candidates_delta` (the fused kernel on CPU) against `quant_delta`'s torch ops: the same float32
+    bits, signs of zero included, on data with ties (x / s = k + 1/2), zeros of both signs and a
+    zero-point of −0.0."""
+    from common.calib.search import candidates_delta, quant_delta
+
+    gen = torch.Generator().manual_seed(int(delta))
+    scale = torch.rand(2, 7, generator=gen) + 0.05
+    zp = torch.randint(0, 16, (2, 7), generator=gen).float()
+    zp[0, 0] = -0.0
+    x = torch.randn(2, 5, 3001, generator=gen) * 3
+    x[..., :100], x[..., 100:200] = 0.0, -0.0
+    x[0, :, 200:207] = (torch.arange(7) + 0.5) * scale[0]
+    got = candidates_delta(x, scale, zp, 4, delta).clone()
+    ref = quant_delta(x[:, :, None], scale[:, None, :, None], zp[:, None, :, None], 4, delta)
+    assert torch.equal(got.view(torch.int32), ref.view(torch.int32))
