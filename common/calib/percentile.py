@@ -23,11 +23,11 @@ from typing import Sequence
 
 import torch
 
+from common.calib.search import QUANTILE_MAX as TORCH_QUANTILE_MAX  # one source for torch.quantile's limit
 
 __all__ = ["group_quantiles", "search_uniform_percentile", "search_log_sqrt2_percentile", "TORCH_QUANTILE_MAX"]
 
-#: Largest input torch.quantile accepts; above it the references use numpy.percentile.
-TORCH_QUANTILE_MAX = 2 ** 24
+# TORCH_QUANTILE_MAX: the largest input torch.quantile accepts; above it the references use numpy.percentile.
 _CHUNK = 1 << 18  # elements per chunk when scoring candidates (cache-sized)
 
 
