@@ -23,7 +23,6 @@ At the end (`untrained_half_up`, reference): the quantized layers outside every 
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import time
@@ -36,7 +35,7 @@ from torch import nn
 
 from common.models.units import Unit
 from common.quant import QuantConv2d, QuantLinear, QuantMatMul
-from common.quant.quantizers import quantizers_of
+from common.quant.quantizers import quantized_only, quantizers_of
 from common.recon.adaround import attach_adaround, beta_schedule, finalize_adaround
 from common.recon.block import learned_scales
 from common.errors import UserError
@@ -45,8 +44,7 @@ from common.tasks.detection.recon import capture_unit_io, detection_units, unit_
 
 from .det_aph import perturbation_weights
 
-__all__ = ["DetReconConfig", "det_recon_config", "reconstruct_detector", "train_unit", "mix_inputs",
-           "quantized_only"]
+__all__ = ["DetReconConfig", "det_recon_config", "reconstruct_detector", "train_unit", "mix_inputs"]
 log = logging.getLogger(__name__)
 
 _IGNORED = {"enabled", "n_images", "augment", "draw", "batch_size", "mode", "use_mean_hessian", "temp", "aph_mode",
@@ -100,21 +98,6 @@ class DetReconConfig:
 
 def det_recon_config(cfg: Any = None, **overrides) -> DetReconConfig:
     return dataclass_from(DetReconConfig, cfg, _IGNORED, "recon (detection)", **overrides)
-
-
-@contextlib.contextmanager
-def quantized_only(model: nn.Module, modules: Sequence[nn.Module]):
-    """Quantizers of `modules` keep their switches, every other quantizer of `model` is off (restored after)."""
-    keep = {id(q) for m in modules for _, q in quantizers_of(m)}
-    saved = [(q, q.enabled) for _, q in quantizers_of(model)]
-    for q, _ in saved:
-        if id(q) not in keep:
-            q.enabled = False
-    try:
-        yield model
-    finally:
-        for q, flag in saved:
-            q.enabled = flag
 
 
 def mix_inputs(x_fp, x_q, ratio: float):

@@ -15,7 +15,6 @@ from typing import Callable, Iterable, Iterator, Sequence
 import torch
 from torch import nn
 
-from common.quant.granularity import Granularity, PerChannel, PerTensor
 from common.quant.primitives import fake_quant_affine, qparams_from_range
 from common.models.units import Unit, model_units
 from common.quant.quantizers import quant_state

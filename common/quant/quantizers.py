@@ -16,7 +16,7 @@ from torch import nn
 from .granularity import Granularity, PerTensor
 from .primitives import check_bits, fake_quant_affine, fake_quant_log2, fake_quant_log_sqrt2, fake_quant_symmetric
 
-__all__ = ["Quantizer", "UniformQuantizer", "LogQuantizer", "quantizers_of", "set_quant_state", "quant_state",
+__all__ = ["Quantizer", "UniformQuantizer", "LogQuantizer", "quantizers_of", "set_quant_state", "quant_state", "quantized_only",
            "calibration_pinned"]
 
 
@@ -183,12 +183,30 @@ def calibration_pinned(model: nn.Module) -> Iterator[nn.Module]:
 
 
 @contextlib.contextmanager
-def quant_state(model: nn.Module, weight: bool | None = None, act: bool | None = None):
-    """Temporarily switch quantization on or off; restores each quantizer's flag on exit."""
+def _flags_restored(model: nn.Module):
+    """Yields [(quantizer, enabled)] of `model`; every quantizer's flag is restored on exit."""
     saved = [(q, q.enabled) for _, q in quantizers_of(model)]
-    set_quant_state(model, weight, act)
     try:
-        yield model
+        yield saved
     finally:
         for q, flag in saved:
             q.enabled = flag
+
+
+@contextlib.contextmanager
+def quant_state(model: nn.Module, weight: bool | None = None, act: bool | None = None):
+    """Temporarily switch quantization on or off; restores each quantizer's flag on exit."""
+    with _flags_restored(model):
+        set_quant_state(model, weight, act)
+        yield model
+
+
+@contextlib.contextmanager
+def quantized_only(model: nn.Module, modules):
+    """Quantizers of `modules` keep their switches, every other quantizer of `model` is off (restored after)."""
+    keep = {id(q) for m in modules for _, q in quantizers_of(m)}
+    with _flags_restored(model) as saved:
+        for q, _ in saved:
+            if id(q) not in keep:
+                q.enabled = False
+        yield model
