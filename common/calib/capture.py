@@ -15,6 +15,7 @@ from typing import Callable, Iterable, Iterator, Sequence
 import torch
 from torch import nn
 
+from common.quant.granularity import Granularity, PerChannel
 from common.quant.primitives import fake_quant_affine, qparams_from_range
 from common.models.units import Unit, model_units
 from common.quant.quantizers import quant_state
