@@ -21,11 +21,17 @@ __all__ = ["run_detection", "format_detection_table", "published_detection"]
 
 def published_detection(model: str, method: str, bits: str) -> dict[str, Any] | None:
     """Published AP^box / AP^mask for (model, method, bits) (`detection_entries` of
-    common/report/assets/published.yaml, read by `common.report.detection`; FP rows have bits `fp`)."""
-    from common.report.detection import load_published_detection
+    common/report/assets/published.yaml; FP rows have bits `fp`)."""
+    from pathlib import Path
 
-    hit = load_published_detection().get((method, "fp" if method == "fp" else bits, model))
-    return None if hit is None else {"box": hit[0], "mask": hit[1], "source": hit[2]}
+    import yaml
+
+    path = Path(__file__).resolve().parents[1] / "report" / "assets" / "published.yaml"
+    data = yaml.safe_load(path.read_text()) or {}
+    for e in data.get("detection_entries") or []:
+        if e["model"] == model and e["method"] == method and (e["bits"] == bits or method == "fp"):
+            return {"box": float(e["box"]), "mask": float(e["mask"]), "source": e["source"]}
+    return None
 
 
 def format_detection_table(r: dict[str, Any]) -> str:
