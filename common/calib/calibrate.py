@@ -119,6 +119,18 @@ def _argmin(grid_len: int, groups: int, n: int, prune: bool,
     return pruned_argmin(grid_len, groups, chunks, evaluate)
 
 
+def _operand_argmin(n_cand: int, groups: int, n: int, cfg: "CalibConfig", search: LeftOperandSearch,
+                    params: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+                    fast: IntDirectSearch | None, per_sample: int) -> tuple[torch.Tensor, dict | None]:
+    """The float32 search's choice for an operand search: from the integer-code errors re-scored by the
+    float32 search (`exact_argmin`, with its record) when `fast` is given, else branch and bound."""
+    if fast is not None:
+        return exact_argmin(fast.errors(*params(torch.arange(n_cand)), 0, n),
+                            lambda idx: search.errors(*params(idx), 0, n))
+    return _argmin(n_cand, groups, n, cfg.prune, lambda idx, lo, hi: search.errors(*params(idx), lo, hi),
+                   per_sample), None
+
+
 # --------------------------------------------------------------------------- self (tensor-only) searches
 
 
@@ -214,13 +226,8 @@ def calibrate_linear(layer: QuantLinear, x: torch.Tensor, y: torch.Tensor, cfg: 
             s_w, z_w = wgrid.select(w_state)  # per output row = per column of the right operand wᵀ
             fast = IntDirectSearch(_token_view(x), w.T[None, None], s_w.view(1, 1, 1, rows), z_w.view(1, 1, 1, rows),
                                    target, aq.bits, wq.bits)
-        if fast is not None:
-            n_all, ns = torch.arange(len(agrid)), x.shape[0]
-            res, _ = exact_argmin(fast.errors(*agrid.params(n_all), 0, ns),
-                                  lambda idx: search.errors(*agrid.params(idx), 0, ns))
-        else:
-            res = _argmin(len(agrid), 1, x.shape[0], cfg.prune, lambda idx, lo, hi: search.errors(*agrid.params(idx), lo, hi),
-                          x[0].numel() * rows // x.shape[-1])
+        res, _ = _operand_argmin(len(agrid), 1, x.shape[0], cfg, search, agrid.params, fast,
+                                 x[0].numel() * rows // x.shape[-1])
         a_memo[key] = res
         return res
 
@@ -376,18 +383,11 @@ def calibrate_matmul(mm: QuantMatMul, a: torch.Tensor, b: torch.Tensor, y: torch
                 il = cand if mode in ("joint", "l") else me.il[hs][None].expand(n, -1)
                 return pair_qparams(me.u[iu, hs[cols]], me.l[il, hs[cols]], me.q.bits)
 
-            def evaluate(idx: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
-                return search.errors(*_params(idx), lo, hi)
-
             fast = _int_matmul_search(which, a, b, y, hs, other, me, search, cfg) if cfg.int_search else None
-            if fast is not None:
-                n_all, ns = torch.arange(eq_n), a.shape[0]
-                best, info = exact_argmin(fast.errors(*_params(n_all), 0, ns),
-                                          lambda idx: search.errors(*_params(idx), 0, ns))
+            best, info = _operand_argmin(eq_n, len(todo), a.shape[0], cfg, search, _params, fast, left[0].numel())
+            if info is not None:
                 counts["int_searches"] = counts.get("int_searches", 0) + 1
                 counts["rescored"] = counts.get("rescored", 0) + info["rescored"]
-            else:
-                best = _argmin(eq_n, len(todo), a.shape[0], cfg.prune, evaluate, left[0].numel())
             counts["searches"] += 1
             counts["head_searches"] += len(todo)
             for j, h in enumerate(todo):

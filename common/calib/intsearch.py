@@ -151,7 +151,6 @@ class IntDirectSearch:
         mc = self.cr8.shape[-1]  # m, or m + 1 with the ones column
         ns = hi - lo
         n_c = scale.shape[0]
-        step = max(1, min(n_c, CODE_BUDGET // max(ns * n * k, 1)))
         shared = self.cr8.shape[1] == 1
         gr = g if self.cr8.shape[0] > 1 else 0
         x = self.left[g, lo:hi].reshape(ns, n * k).numpy()
@@ -167,34 +166,27 @@ class IntDirectSearch:
         zr = self.zr_np[gr, rsl].reshape(-1, m)
         corr = self.corr[gr, rsl].reshape(-1, m)
         yw = self.yw[g, lo:hi]
+        # one right operand: one GEMM over every sample of a candidate batch; a right operand per sample:
+        # sample by sample, with larger candidate batches per GEMM
+        blocks, budget = ([(0, ns)], CODE_BUDGET) if shared else ([(j, j + 1) for j in range(ns)], SAMPLE_BUDGET)
         pp, py = np.zeros(n_c), np.zeros(n_c)
-        if shared:  # one right operand: one GEMM over every sample of a candidate batch
+        part_pp, part_py = np.empty(n_c), np.empty(n_c)
+        for a, b in blocks:
+            nb = b - a
+            step = max(1, min(n_c, budget // max(nb * n * k, 1)))
+            right = self.cr8[gr, 0 if shared else lo + a]
+            zrb, corrb = (zr, corr) if shared else (zr[a:b], corr[a:b])
             for i in range(0, n_c, step):
                 c = min(step, n_c - i)
-                u8 = self._bufs.get("u8", (ns, c, n, k), torch.int8)
-                int8_codes(x, sc[i:i + c], add[i:i + c], lo_b[i:i + c], hi_b[i:i + c], sub,
-                           u8.numpy().reshape(ns, c, n * k))
-                p = self._bufs.get("p", (ns, c * n, mc), torch.int32)
-                torch._int_mm(u8.view(ns * c * n, k), self.cr8[gr, 0], out=p.view(ns * c * n, mc))
-                product_sums(p.numpy().reshape(ns, c, n, mc), m, yw, self.w[gr], zr, corr, zc[i:i + c],
-                             self.need_rows, pp[i:i + c], py[i:i + c])
-        else:  # a right operand per sample: sample by sample, large candidate batches per GEMM
-            step = max(1, min(n_c, SAMPLE_BUDGET // max(n * k, 1)))
-            part_pp, part_py = np.empty(n_c), np.empty(n_c)
-            for j in range(ns):
-                xj, ywj = x[j:j + 1], yw[j:j + 1]
-                zrj, corrj = zr[j:j + 1], corr[j:j + 1]
-                for i in range(0, n_c, step):
-                    c = min(step, n_c - i)
-                    u8 = self._bufs.get("u8", (1, c, n, k), torch.int8)
-                    int8_codes(xj, sc[i:i + c], add[i:i + c], lo_b[i:i + c], hi_b[i:i + c], sub,
-                               u8.numpy().reshape(1, c, n * k))
-                    p = self._bufs.get("p", (1, c * n, mc), torch.int32)
-                    torch._int_mm(u8.view(c * n, k), self.cr8[gr, lo + j], out=p[0])
-                    product_sums(p.numpy().reshape(1, c, n, mc), m, ywj, self.w[gr], zrj, corrj, zc[i:i + c],
-                                 self.need_rows, part_pp[i:i + c], part_py[i:i + c])
-                pp += part_pp
-                py += part_py
+                u8 = self._bufs.get("u8", (nb, c, n, k), torch.int8)
+                int8_codes(x[a:b], sc[i:i + c], add[i:i + c], lo_b[i:i + c], hi_b[i:i + c], sub,
+                           u8.numpy().reshape(nb, c, n * k))
+                p = self._bufs.get("p", (nb, c * n, mc), torch.int32)
+                torch._int_mm(u8.view(nb * c * n, k), right, out=p.view(nb * c * n, mc))
+                product_sums(p.numpy().reshape(nb, c, n, mc), m, yw[a:b], self.w[gr], zrb, corrb, zc[i:i + c],
+                             self.need_rows, part_pp[i:i + c], part_py[i:i + c])
+            pp += part_pp
+            py += part_py
         # Σ (s s_r,j P'_ij − Y_ij)² = s² Σ s_r,j² P'_ij² − 2 s Σ P'_ij (s_r,j Y_ij) + ‖Y‖²
         s64 = sc.astype(np.float64)
         return torch.from_numpy(s64 * s64 * pp - 2 * s64 * py) + self.yy[g, lo:hi].sum()

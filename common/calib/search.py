@@ -240,18 +240,16 @@ class LeftOperandSearch:
         a reused buffer of this thread (valid until the next call)."""
         g, s, c, n, k = q.shape
         m = r.shape[-1]
-        out = _BUFS.get("product", (g, s, c, n, m), torch.float32) if q.device.type == "cpu" else None
         # reshape, not view: with one sample the broadcast quantizer output can come back in a
         # non-contiguous layout (size-1 dims), where reshape copies; otherwise it is the same view
-        if r.shape[1] == 1:  # shared by all samples (a linear's weight), or a single sample
-            if r.shape[0] == 1:
-                flat = None if out is None else out.view(-1, m)
-                return torch.matmul(q.reshape(-1, k), r[0, 0], out=flat).view(g, s, c, n, m)
-            flat = None if out is None else out.view(g, s * c * n, m)
-            return torch.bmm(q.reshape(g, s * c * n, k), r[:, 0], out=flat).view(g, s, c, n, m)
-        rb = r.expand(g, s, k, m).reshape(g * s, k, m)
-        flat = None if out is None else out.view(g * s, c * n, m)
-        return torch.bmm(q.reshape(g * s, c * n, k), rb, out=flat).view(g, s, c, n, m)
+        if r.shape[1] == 1 and r.shape[0] == 1:  # one matrix for all (a linear's weight, one sample)
+            a, b = q.reshape(-1, k), r[0, 0]
+        elif r.shape[1] == 1:  # one per group, shared by all samples
+            a, b = q.reshape(g, s * c * n, k), r[:, 0]
+        else:
+            a, b = q.reshape(g * s, c * n, k), r.expand(g, s, k, m).reshape(g * s, k, m)
+        out = _BUFS.get("product", a.shape[:-1] + (m,), torch.float32) if q.device.type == "cpu" else None
+        return torch.matmul(a, b, out=out).view(g, s, c, n, m)
 
     def errors(self, scale: torch.Tensor, zp: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
         """float64 (C, G) error sums over samples [lo, hi) for candidates (C, G).
